@@ -1,0 +1,1 @@
+"""An example embbench scheme plugin: row = ID mod m."""

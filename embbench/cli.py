@@ -1,0 +1,222 @@
+"""The ``embbench`` command: a thin skin over the library. Each command parses, calls one function, prints.
+
+User errors print one line ``error: ...`` on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embbench.errors import EmbbenchError
+from embbench.store import DEFAULT_DB
+
+EXIT_USER_ERROR = 2
+
+
+class Group(click.Group):
+    """Turns EmbbenchError into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmbbenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=_json_default))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="embbench")
+def main() -> None:
+    """Benchmark memory-efficient embedding schemes: run suites, store results, report Pareto fronts."""
+
+
+@main.command("list")
+@click.argument("kind", type=click.Choice(["schemes", "datasets", "models", "suites"]), default="schemes")
+@click.argument("pattern", default="*")
+@click.option("--exclude", multiple=True, help="Shell-style pattern of names to leave out (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
+def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: bool) -> None:
+    """List registered plugins (or built-in suites) whose names match PATTERN, e.g. 'hash*'."""
+    if kind == "suites":
+        from embbench.suites import builtin_suites, parse_suite
+
+        rows = []
+        for name, path in sorted(builtin_suites().items()):
+            import fnmatch
+
+            if fnmatch.fnmatchcase(name, pattern) and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                rows.append({"name": name, "path": str(path), "description": parse_suite(path).description})
+        if as_json:
+            _echo_json(rows)
+        else:
+            for row in rows:
+                click.echo(f"{row['name']:<20} {row['description']}")
+        return
+    from embbench.registry import list_plugins
+
+    infos = list_plugins(kind, pattern, list(exclude) or None)
+    if as_json:
+        _echo_json([info.as_dict() for info in infos])
+        return
+    for info in infos:
+        text = info.summary if info.status == "ok" else f"BROKEN: {info.error}"
+        click.echo(f"{info.name:<20} {info.status:<7} {info.distribution:<22} {text}")
+
+
+@main.command("size")
+@click.argument("scheme")
+@click.option("--vocab", type=click.IntRange(min=1), required=True, help="Number of distinct IDs.")
+@click.option("--dim", type=click.IntRange(min=1), default=32, show_default=True, help="Embedding dimension.")
+@click.option("--budget", default="1", show_default=True, help="Fraction of the full table (1/4) or bytes (64MB).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Scheme hyper-parameter (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
+def size_command(scheme: str, vocab: int, dim: int, budget: str, params: tuple[str, ...], as_json: bool) -> None:
+    """Resolve SCHEME's hyper-parameters for a vocabulary and budget, and give its exact size."""
+    from embbench import registry
+    from embbench.errors import ConfigError
+    from embbench.schemes import Budget, FeatureSpec, full_table_bytes
+
+    keywords = {}
+    for item in params:
+        if "=" not in item:
+            raise ConfigError(f"--param '{item}' must look like KEY=VALUE, e.g. --param num_hashes=64")
+        key, value = item.split("=", 1)
+        keywords[key.strip()] = _parse_value(value.strip())
+    instance = registry.create("schemes", scheme, where="--param", **keywords)
+    feature = FeatureSpec.from_vocabulary("feature", vocab, dim)
+    budget_bytes = Budget.parse(budget).resolve(vocab, dim)
+    plan = instance.plan(feature, budget_bytes)
+    full = full_table_bytes(vocab, dim)
+    result = {
+        "scheme": scheme,
+        "params": plan.params,
+        "size_bytes": plan.size_bytes,
+        "budget_bytes": budget_bytes,
+        "full_bytes": full,
+        "compression": full / plan.size_bytes if plan.size_bytes else math.inf,
+        "budget_used": plan.size_bytes / budget_bytes,
+        "unseen_ids": type(instance).unseen,
+    }
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"scheme      {scheme}")
+    for key, value in plan.params.items():
+        click.echo(f"  {key:<12}{value}")
+    click.echo(f"size        {plan.size_bytes:,} bytes ({result['budget_used']:.1%} of the budget)")
+    click.echo(f"budget      {budget_bytes:,} bytes")
+    click.echo(f"full table  {full:,} bytes ({result['compression']:.1f}x larger)")
+    click.echo(f"unseen IDs  {result['unseen_ids']}")
+
+
+@main.group("run", cls=Group)
+def run_group() -> None:
+    """Run benchmarks."""
+
+
+@run_group.command("suite")
+@click.argument("suite")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with dataset files (default: $EMBBENCH_DATA_DIR, else ~/.cache/embbench/data).")
+@click.option("--quick", is_flag=True, help="Apply the suite's [quick] profile (fewer epochs/seeds).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run_suite_command(suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool) -> None:
+    """Run every unfinished cell of SUITE (a built-in name or a .toml path) into the results database."""
+    from embbench.runner import run_suite
+
+    summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress)
+    click.echo(
+        f"suite {summary.suite}: {summary.total} cells, {summary.already_done} already done, "
+        f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped -> {summary.db}"
+    )
+    for failure in summary.failures:
+        click.echo(f"  failed: {failure}", err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+RESULT_FIELDS = [
+    "suite", "dataset", "model", "scheme", "scheme_label", "budget", "size_bytes", "budget_bytes", "full_bytes",
+    "device", "device_name", "seed", "status", "test_auc", "test_hr10", "test_ndcg10", "val_auc", "val_hr10",
+    "train_seconds", "eval_seconds", "epochs_run", "best_epoch", "table_backend", "threads", "git_commit",
+    "finished_at", "error",
+]
+
+
+def _results_frame(db: Path, suite: str | None) -> Any:
+    from embbench.store import ResultStore
+
+    frame = ResultStore(db).frame(suite)
+    return frame[[c for c in RESULT_FIELDS if c in frame.columns]]
+
+
+@main.command("results")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB, show_default=True)
+@click.option("--suite", default=None, help="Only this suite's cells.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per cell (a stable contract).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")
+def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) -> None:
+    """Print stored results."""
+    frame = _results_frame(db, suite)
+    if as_json:
+        records = json.loads(frame.to_json(orient="records"))
+        _echo_json(records)
+    elif as_csv:
+        click.echo(frame.to_csv(index=False), nl=False)
+    else:
+        if frame.empty:
+            click.echo("no results")
+            return
+        shown = frame[["suite", "dataset", "model", "scheme_label", "budget", "size_bytes", "device", "seed",
+                       "status", "test_auc", "test_hr10", "train_seconds"]]
+        with_text = shown.assign(
+            test_auc=shown["test_auc"].map(lambda v: f"{v:.4f}" if v == v else "-"),
+            test_hr10=shown["test_hr10"].map(lambda v: f"{v:.4f}" if v == v else "-"),
+            train_seconds=shown["train_seconds"].map(lambda v: f"{v:.1f}" if v == v else "-"),
+        )
+        click.echo(with_text.to_string(index=False))
+
+
+@main.command("report")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB, show_default=True)
+@click.option("--suite", default=None, help="Only this suite's cells.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
+def report_command(db: Path, suite: str | None, out: Path) -> None:
+    """Write a Markdown report with tables and Pareto plots (metric vs size) to OUT."""
+    from embbench.environment import git_commit, package_versions
+    from embbench.report import write_report
+    from embbench.store import ResultStore
+
+    frame = ResultStore(db).frame(suite)
+    context = {"database": str(db), "suite": suite or "all", "git commit": git_commit(),
+               "versions": package_versions()}
+    path = write_report(frame, out, context=context)
+    click.echo(f"report written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Full-ranking metrics: each user's held-out item ranked against every candidate item of the catalogue.
+
+No sampled negatives: a user's candidates are all items not excluded for them (their training items and the
+other split's held-out item are excluded). Ties count against the model, so a constant scorer gets HR 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def metric_keys(k: int) -> tuple[str, str, str]:
+    """The keys rank_metrics returns for cut-off ``k``: ("auc", "hr@k", "ndcg@k")."""
+    return "auc", f"hr@{k}", f"ndcg@{k}"
+
+
+def rank_metrics(
+    scores: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor, k: int = 10
+) -> dict[str, torch.Tensor]:
+    """Per-user AUC, HR@k and NDCG@k of each user's positive item among its candidates.
+
+    ``scores`` is [U, M] (one score per catalogue item), ``positive`` is [U] (the held-out item's column),
+    ``excluded`` is bool [U, M] (items that are not candidates for that user; never the positive).
+    Returns float64 tensors of shape [U] under the keys of ``metric_keys(k)``. A user with no negative
+    candidates has NaN for every metric. A NaN score counts against the model: a NaN positive scores below
+    every negative and a NaN negative above the positive.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [users, items], got shape {tuple(scores.shape)}")
+    num_users, num_items = scores.shape
+    if positive.shape != (num_users,):
+        raise ValueError(f"positive must be [{num_users}], got shape {tuple(positive.shape)}")
+    if excluded.shape != scores.shape or excluded.dtype != torch.bool:
+        raise ValueError(
+            f"excluded must be a bool tensor of shape {tuple(scores.shape)}, "
+            f"got {excluded.dtype} {tuple(excluded.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = scores.device
+    positive = positive.to(device=device, dtype=torch.int64)
+    excluded = excluded.to(device)
+    if num_users and (int(positive.min()) < 0 or int(positive.max()) >= num_items):
+        raise ValueError(
+            f"positive columns must lie in [0, {num_items}), got {int(positive.min())}..{int(positive.max())}"
+        )
+    rows = torch.arange(num_users, device=device)
+    if bool(excluded[rows, positive].any()):
+        raise ValueError("a user's positive item is marked excluded; the positive must be a candidate")
+
+    is_negative = ~excluded
+    is_negative[rows, positive] = False
+    positive_score = scores[rows, positive].unsqueeze(1)
+    positive_score = positive_score.masked_fill(positive_score.isnan(), -math.inf)
+    # A NaN total is a cheap test for any NaN score; inf - inf also lands here, harmlessly.
+    has_nan = bool(scores.sum().isnan())
+    negative_score = scores.masked_fill(scores.isnan(), math.inf) if has_nan else scores
+
+    # Summing bools into int32 avoids an int64 copy of the whole [U, M] mask (the dominant cost otherwise).
+    num_negatives = is_negative.sum(dim=1, dtype=torch.int32)
+    num_above = (is_negative & (negative_score > positive_score)).sum(dim=1, dtype=torch.int32)
+    num_tied = (is_negative & (negative_score == positive_score)).sum(dim=1, dtype=torch.int32)
+    num_below = num_negatives - num_above - num_tied
+
+    no_negatives = num_negatives == 0
+    undefined = torch.full((num_users,), math.nan, dtype=torch.float64, device=device)
+    auc = (num_below.double() + 0.5 * num_tied.double()) / num_negatives.clamp(min=1).double()
+    rank = num_above + num_tied  # pessimistic: every tied negative is placed above the positive
+    hit = rank < k
+    hr = hit.double()
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros_like(hr))
+    auc_key, hr_key, ndcg_key = metric_keys(k)
+    return {
+        auc_key: torch.where(no_negatives, undefined, auc),
+        hr_key: torch.where(no_negatives, undefined, hr),
+        ndcg_key: torch.where(no_negatives, undefined, ndcg),
+    }
+
+
+def summarize(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each per-user metric over the users where it is defined (NaN when it is defined for none)."""
+    return {name: float(torch.nanmean(values.double())) if values.numel() else math.nan
+            for name, values in per_user.items()}
+
+
+class RankingAccumulator:
+    """Streams user batches through rank_metrics and keeps running sums, so results need no per-user storage.
+
+    ``result()`` equals ``summarize(rank_metrics(...))`` over all users added (up to summation order).
+    """
+
+    def __init__(self, k: int = 10) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.keys = metric_keys(k)
+        self.users = 0
+        self._totals = dict.fromkeys(self.keys, 0.0)
+        self._counts = dict.fromkeys(self.keys, 0)
+
+    def add(
+        self, scores: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Add one batch of users; returns that batch's per-user metrics."""
+        per_user = rank_metrics(scores, positive, excluded, k=self.k)
+        for name, values in per_user.items():
+            defined = ~values.isnan()
+            self._totals[name] += float(values[defined].sum())
+            self._counts[name] += int(defined.sum())
+        self.users += len(positive)
+        return per_user
+
+    def result(self) -> dict[str, float]:
+        """Mean of each metric over all users added where it is defined; NaN if none."""
+        return {name: self._totals[name] / self._counts[name] if self._counts[name] else math.nan
+                for name in self.keys}

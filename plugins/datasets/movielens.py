@@ -1,0 +1,163 @@
+"""MovieLens readers (GroupLens): the official ml-100k, ml-1m and CSV (ml-latest, ml-20m, ml-25m) files.
+
+Every rating counts as an implicit positive interaction. Files are found under the data folder in a folder
+named like ``movielens-1m/`` or the official ``ml-1m/``, plain or gzip-compressed; when they are missing,
+the official zip is downloaded into the data folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from embbench import DataNotFound
+from embbench.data import Dataset, download_archive, find_file, read_table
+
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def _content_sha256(path: Path) -> str:
+    """sha256 of the uncompressed bytes, so a file and its .gz have the same fingerprint."""
+    digest = hashlib.sha256()
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _MovieLensFiles(Dataset):
+    """One ratings file found in ``folders`` of the data folder, downloaded from ``archive_url`` if absent."""
+
+    ratings_file: ClassVar[str]
+
+    def __init__(
+        self,
+        data_dir: str | Path | None,
+        *,
+        title: str,
+        folders: tuple[str, str],
+        archive_url: str,
+        **params: str,
+    ) -> None:
+        super().__init__(data_dir, **params)
+        self.title = title
+        self.folders = folders
+        self.archive_url = archive_url
+        self._path: Path | None = None
+        self._fingerprint: str | None = None
+
+    def ratings_path(self) -> Path:
+        """The ratings file, downloaded first if it is not in the data folder."""
+        if self._path is None:
+            path = find_file(self.data_dir, self.folders, [self.ratings_file])
+            if path is None:
+                what = f"{self.title} ({self.ratings_file}, in {self.folders[0]}/ or {self.folders[1]}/)"
+                download_archive(self.archive_url, self.data_dir, what)
+                path = find_file(self.data_dir, self.folders, [self.ratings_file])
+            if path is None:
+                raise DataNotFound(
+                    f"{self.archive_url} holds no {self.folders[1]}/{self.ratings_file}; "
+                    f"put {self.ratings_file} in {self.data_dir / self.folders[0]}/ (see docs/datasets.md)"
+                )
+            self._path = path
+        return self._path
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            path = self.ratings_path()
+            try:
+                self._fingerprint = _content_sha256(path)
+            except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
+                raise self._unreadable(path, exc) from None
+        return self._fingerprint
+
+    def _unreadable(self, path: Path, reason: Exception) -> DataNotFound:
+        detail = " ".join(str(reason).split()) or type(reason).__name__
+        return DataNotFound(
+            f"could not read {path} as {self.title} {self.ratings_file} ({detail}); "
+            f"replace it with the official file (see docs/datasets.md)"
+        )
+
+    def read_ratings(self, **read_csv_kwargs: Any) -> pd.DataFrame:
+        """The ratings file through ``pandas.read_csv``; an unreadable file is one clear error."""
+        path = self.ratings_path()
+        try:
+            return read_table(path, **read_csv_kwargs)
+        except (OSError, EOFError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise self._unreadable(path, exc) from None
+
+
+class MovieLens100K(_MovieLensFiles):
+    """MovieLens 100K: 100,000 ratings of 1,682 movies by 943 users (official ml-100k u.data)."""
+
+    summary = "MovieLens 100K (GroupLens): 100,000 ratings, 943 users, 1,682 movies; official ml-100k files"
+    ratings_file = "u.data"
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        super().__init__(
+            data_dir, title="MovieLens 100K", folders=("movielens-100k", "ml-100k"),
+            archive_url=f"{_GROUPLENS}/ml-100k.zip",
+        )
+
+    def load(self) -> pd.DataFrame:
+        # user id \t item id \t rating \t timestamp, no header
+        return self.read_ratings(
+            sep="\t", header=None, names=["user", "item", "rating", "timestamp"],
+            dtype=np.int64,
+        )
+
+
+class MovieLens1M(_MovieLensFiles):
+    """MovieLens 1M: 1,000,209 ratings of 3,706 movies by 6,040 users (official ml-1m ratings.dat)."""
+
+    summary = "MovieLens 1M (GroupLens): 1,000,209 ratings, 6,040 users, 3,706 movies; official ml-1m files"
+    ratings_file = "ratings.dat"
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        super().__init__(
+            data_dir, title="MovieLens 1M", folders=("movielens-1m", "ml-1m"),
+            archive_url=f"{_GROUPLENS}/ml-1m.zip",
+        )
+
+    def load(self) -> pd.DataFrame:
+        # UserID::MovieID::Rating::Timestamp. pandas' C parser takes only one-character separators, so split
+        # on ':' and keep every other field (the empty fields between the two colons are dropped).
+        frame = self.read_ratings(
+            sep=":", header=None, usecols=[0, 2, 4, 6], dtype=np.int64,
+        )
+        frame.columns = ["user", "item", "rating", "timestamp"]
+        return frame
+
+
+class MovieLensLatest(_MovieLensFiles):
+    """MovieLens in the CSV layout (ratings.csv): ml-latest-small, ml-latest, ml-20m or ml-25m."""
+
+    summary = "MovieLens CSV releases (GroupLens): ml-latest-small, ml-latest, ml-20m, ml-25m"
+    ratings_file = "ratings.csv"
+    variants: ClassVar[tuple[str, ...]] = ("latest-small", "latest", "20m", "25m")
+
+    def __init__(self, data_dir: str | Path | None = None, variant: str = "latest-small") -> None:
+        if variant not in self.variants:
+            allowed = ", ".join(f"'{v}'" for v in self.variants)
+            raise ValueError(f"variant must be one of {allowed}, got {variant!r}")
+        super().__init__(
+            data_dir, title=f"MovieLens {variant}", folders=(f"movielens-{variant}", f"ml-{variant}"),
+            archive_url=f"{_GROUPLENS}/ml-{variant}.zip", variant=variant,
+        )
+        self.variant = variant
+
+    def load(self) -> pd.DataFrame:
+        # userId,movieId,rating,timestamp with a header; ratings are 0.5 to 5.0 stars
+        frame = self.read_ratings(
+            usecols=["userId", "movieId", "rating", "timestamp"],
+            dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32, "timestamp": np.int64},
+        )
+        frame = frame.rename(columns={"userId": "user", "movieId": "item"})
+        return frame[["user", "item", "rating", "timestamp"]]

@@ -1,0 +1,1 @@
+"""Built-in recommendation models, each registered in the ``embbench.models`` entry-point group."""

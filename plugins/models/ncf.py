@@ -1,0 +1,70 @@
+"""GMF and MLP from Neural Collaborative Filtering (He et al., WWW 2017), as used in the DHE paper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from embbench.models import RecModel
+
+
+class GMF(RecModel):
+    """Generalized Matrix Factorization: logit = h · (p_u ⊙ q_i) + b."""
+
+    summary = "NCF GMF: weighted inner product of user and item embeddings"
+
+    def __init__(self, user_embedding: nn.Module, item_embedding: nn.Module, dim: int) -> None:
+        super().__init__(user_embedding, item_embedding, dim)
+        self.output = nn.Linear(dim, 1)
+
+    def interact(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        return self.output(user_vectors * item_vectors).squeeze(1)
+
+    def interact_all(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        return (user_vectors * self.output.weight) @ item_vectors.T + self.output.bias
+
+
+class MLP(RecModel):
+    """NCF MLP: logit = MLP([p_u; q_i]) with ReLU hidden layers (default 256-128-64)."""
+
+    summary = "NCF MLP: concatenated embeddings through a ReLU MLP (256-128-64)"
+
+    #: user-item pairs scored at once by interact_all, to bound its memory (pairs x first hidden width floats)
+    PAIRS_PER_CHUNK = 1 << 18
+
+    def __init__(
+        self, user_embedding: nn.Module, item_embedding: nn.Module, dim: int, hidden: list[int] | None = None
+    ) -> None:
+        super().__init__(user_embedding, item_embedding, dim)
+        hidden = [256, 128, 64] if hidden is None else list(hidden)
+        if not hidden or any(not isinstance(w, int) or w < 1 for w in hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive layer widths, got {hidden}")
+        self.hidden = hidden
+        self.first = nn.Linear(2 * dim, hidden[0])
+        rest: list[nn.Module] = [nn.ReLU()]
+        for fan_in, fan_out in zip(hidden[:-1], hidden[1:], strict=False):
+            rest += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        rest.append(nn.Linear(hidden[-1], 1))
+        self.rest = nn.Sequential(*rest)
+
+    def interact(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.first(torch.cat((user_vectors, item_vectors), dim=1))).squeeze(1)
+
+    def interact_all(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        # The first layer splits over the concatenation: W [u; i] + b = W_u u + b + W_i i, so it is applied to
+        # users and items separately and only the sum is formed per pair.
+        weight_user, weight_item = self.first.weight[:, : self.dim], self.first.weight[:, self.dim :]
+        user_part = user_vectors @ weight_user.T + self.first.bias
+        item_part = item_vectors @ weight_item.T
+        num_items = item_vectors.shape[0]
+        users_per_chunk = max(1, self.PAIRS_PER_CHUNK // max(num_items, 1))
+        chunks = []
+        for start in range(0, user_part.shape[0], users_per_chunk):
+            pairs = user_part[start : start + users_per_chunk].unsqueeze(1) + item_part.unsqueeze(0)
+            chunks.append(self.rest(pairs).squeeze(2))
+        return torch.cat(chunks, dim=0)
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"hidden": self.hidden}

@@ -1,0 +1,58 @@
+"""``full``: one dedicated row per training ID, plus one out-of-vocabulary row for IDs never seen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embbench import (
+    FLOAT_BYTES,
+    ID_BYTES,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    Scheme,
+    SchemePlan,
+)
+
+
+class FullLookup(nn.Module):
+    """Maps raw IDs through the sorted training vocabulary to rows; unknown IDs go to the last row."""
+
+    def __init__(self, vocabulary: torch.Tensor, dim: int, seed: int) -> None:
+        super().__init__()
+        self.register_buffer("vocabulary", vocabulary.clone())
+        self.table = EmbeddingTable(len(vocabulary) + 1, dim, seed=seed)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        num_ids = self.vocabulary.numel()
+        position = torch.searchsorted(self.vocabulary, ids)
+        clamped = position.clamp(max=num_ids - 1)
+        known = self.vocabulary[clamped] == ids
+        return torch.where(known, clamped, torch.full_like(clamped, num_ids))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(self.rows(ids))
+
+
+class FullEmbedding(Scheme):
+    """Full embedding table: a dedicated row per training ID and a shared OOV row (the reference)."""
+
+    summary = "full table: a row per training ID, one OOV row for unseen IDs (the reference)"
+    unseen = "dedicated"
+
+    def __init__(self) -> None:
+        self._params = {}
+
+    @staticmethod
+    def size_bytes(num_ids: int, dim: int) -> int:
+        return (num_ids + 1) * dim * FLOAT_BYTES + num_ids * ID_BYTES
+
+    def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
+        size = self.size_bytes(feature.num_ids, feature.dim)
+        if size > budget_bytes:
+            raise BudgetTooSmall("full", budget_bytes, size, "a full table cannot be compressed")
+        return SchemePlan("full", {"rows": feature.num_ids + 1}, size, budget_bytes)
+
+    def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
+        return FullLookup(torch.as_tensor(feature.ids, dtype=torch.int64), feature.dim, seed)

@@ -1,0 +1,55 @@
+"""``hashing-trick``: one universal hash of the raw ID into m shared rows (Weinberger et al., 2009)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embbench import (
+    FLOAT_BYTES,
+    ID_BYTES,
+    MERSENNE_PRIME,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    HashFamily,
+    Scheme,
+    SchemePlan,
+)
+
+
+class HashedLookup(nn.Module):
+    def __init__(self, num_rows: int, dim: int, seed: int) -> None:
+        super().__init__()
+        self.hash = HashFamily(1, num_rows, seed=seed)
+        self.table = EmbeddingTable(num_rows, dim, seed=seed + 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(self.hash(ids)[:, 0])
+
+
+class HashingTrick(Scheme):
+    """Hashing trick: h(x) = ((a x + b) mod p) mod m into a table of m rows; m solved from the budget."""
+
+    summary = "hashing trick: one universal hash into m shared rows, m solved from the budget"
+    unseen = "collided"
+
+    def __init__(self, rows: int | None = None) -> None:
+        if rows is not None and not 1 <= rows <= MERSENNE_PRIME:
+            raise ValueError(f"rows must be in [1, {MERSENNE_PRIME}] or unset (solved from the budget), got {rows}")
+        self.rows = rows
+        self._params = {"rows": rows}
+
+    @staticmethod
+    def size_bytes(rows: int, dim: int) -> int:
+        return rows * dim * FLOAT_BYTES + ID_BYTES  # the table and the hash seed
+
+    def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
+        minimum = self.size_bytes(1 if self.rows is None else self.rows, feature.dim)
+        if minimum > budget_bytes:
+            raise BudgetTooSmall("hashing-trick", budget_bytes, minimum)
+        rows = self.rows or min(MERSENNE_PRIME, (budget_bytes - ID_BYTES) // (feature.dim * FLOAT_BYTES))
+        return SchemePlan("hashing-trick", {"rows": rows}, self.size_bytes(rows, feature.dim), budget_bytes)
+
+    def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
+        return HashedLookup(plan.params["rows"], feature.dim, seed)
