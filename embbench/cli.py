@@ -6,7 +6,6 @@ User errors print one line ``error: ...`` on stderr and exit with code 2, never 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,12 +91,15 @@ def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: boo
 @click.option("--dim", type=click.IntRange(min=1), default=32, show_default=True, help="Embedding dimension.")
 @click.option("--budget", default="1", show_default=True, help="Fraction of the full table (1/4) or bytes (64MB).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Scheme hyper-parameter (repeatable).")
+@click.option("--collisions/--no-collisions", default=True, show_default=True,
+              help="Count IDs sharing their index tuple (exact; vocabularies up to 10^7).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
-def size_command(scheme: str, vocab: int, dim: int, budget: str, params: tuple[str, ...], as_json: bool) -> None:
+def size_command(
+    scheme: str, vocab: int, dim: int, budget: str, params: tuple[str, ...], collisions: bool, as_json: bool
+) -> None:
     """Resolve SCHEME's hyper-parameters for a vocabulary and budget, and give its exact size."""
-    from embbench import registry
     from embbench.errors import ConfigError
-    from embbench.schemes import Budget, FeatureSpec, full_table_bytes
+    from embbench.sizing import size_report
 
     keywords = {}
     for item in params:
@@ -105,31 +107,23 @@ def size_command(scheme: str, vocab: int, dim: int, budget: str, params: tuple[s
             raise ConfigError(f"--param '{item}' must look like KEY=VALUE, e.g. --param num_hashes=64")
         key, value = item.split("=", 1)
         keywords[key.strip()] = _parse_value(value.strip())
-    instance = registry.create("schemes", scheme, where="--param", **keywords)
-    feature = FeatureSpec.from_vocabulary("feature", vocab, dim)
-    budget_bytes = Budget.parse(budget).resolve(vocab, dim)
-    plan = instance.plan(feature, budget_bytes)
-    full = full_table_bytes(vocab, dim)
-    result = {
-        "scheme": scheme,
-        "params": plan.params,
-        "size_bytes": plan.size_bytes,
-        "budget_bytes": budget_bytes,
-        "full_bytes": full,
-        "compression": full / plan.size_bytes if plan.size_bytes else math.inf,
-        "budget_used": plan.size_bytes / budget_bytes,
-        "unseen_ids": type(instance).unseen,
-    }
+    result = size_report(scheme, vocab, dim, budget, keywords, collisions=collisions)
     if as_json:
         _echo_json(result)
         return
     click.echo(f"scheme      {scheme}")
-    for key, value in plan.params.items():
+    for key, value in result["params"].items():
         click.echo(f"  {key:<12}{value}")
-    click.echo(f"size        {plan.size_bytes:,} bytes ({result['budget_used']:.1%} of the budget)")
-    click.echo(f"budget      {budget_bytes:,} bytes")
-    click.echo(f"full table  {full:,} bytes ({result['compression']:.1f}x larger)")
+    click.echo(f"size        {result['size_bytes']:,} bytes ({result['budget_used']:.1%} of the budget)")
+    click.echo(f"budget      {result['budget_bytes']:,} bytes")
+    click.echo(f"full table  {result['full_bytes']:,} bytes ({result['compression']:.1f}x larger)")
     click.echo(f"unseen IDs  {result['unseen_ids']}")
+    stats = result["collisions"]
+    if stats is not None:
+        click.echo(
+            f"collisions  {stats['colliding_ids']:,} of {stats['num_ids']:,} IDs share their index tuple "
+            f"({stats['collision_fraction']:.4%}); {stats['distinct_tuples']:,} distinct tuples"
+        )
 
 
 @main.group("run", cls=Group)

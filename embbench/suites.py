@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from embbench.errors import ConfigError, closest
 from embbench.schemes import Budget
@@ -167,7 +168,8 @@ def _check_keys(table: dict[str, Any], known: Any, where: str, section: str) -> 
     for key in table:
         if key not in known:
             raise ConfigError(
-                f"{where}: unknown key '{key}' in {section}{closest(key, known)}; known keys: {', '.join(sorted(known))}"
+                f"{where}: unknown key '{key}' in {section}{closest(key, known)}; "
+                f"known keys: {', '.join(sorted(known))}"
             )
 
 
@@ -244,7 +246,9 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {seed!r}")
     for device in settings["devices"]:
         if device not in DEVICES:
-            raise ConfigError(f"{where}: unknown device '{device}'{closest(str(device), DEVICES)}; use {', '.join(DEVICES)}")
+            raise ConfigError(
+                f"{where}: unknown device '{device}'{closest(str(device), DEVICES)}; use {', '.join(DEVICES)}"
+            )
     settings["budgets"] = [_budget(b, f"{where}: budgets") for b in settings["budgets"]]
     settings["learning_rate"] = float(settings["learning_rate"])
     return Suite(

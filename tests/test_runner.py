@@ -27,7 +27,8 @@ def suite_file(tmp_path, body: str, name: str = "suite.toml"):
 
 
 def test_same_seed_gives_identical_results(tmp_path):
-    body = 'epochs = 2\nbudgets = ["1/4"]\n' + DATA + MODEL + '[[schemes]]\nname = "dhe"\nparams = { num_hashes = 16 }\n'
+    scheme = '[[schemes]]\nname = "dhe"\nparams = { num_hashes = 16 }\n'
+    body = 'epochs = 2\nbudgets = ["1/4"]\n' + DATA + MODEL + scheme
     for db in ("a.sqlite", "b.sqlite"):
         run_suite(str(suite_file(tmp_path, body)), db=tmp_path / db, progress=False)
     first, second = (ResultStore(tmp_path / db).frame() for db in ("a.sqlite", "b.sqlite"))

@@ -77,6 +77,10 @@ class DHEModule(nn.Module):
         layers.append(nn.Linear(fan_in, dim))
         self.decoder = nn.Sequential(*layers)
 
+    def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
+        """The k hash values: IDs with equal values get equal encodings, hence equal embeddings."""
+        return self.encoder.hash(ids)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(ids))
 

@@ -31,6 +31,9 @@ class FullLookup(nn.Module):
         known = self.vocabulary[clamped] == ids
         return torch.where(known, clamped, torch.full_like(clamped, num_ids))
 
+    def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).unsqueeze(1)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(self.rows(ids))
 

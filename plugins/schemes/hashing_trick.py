@@ -24,6 +24,9 @@ class HashedLookup(nn.Module):
         self.hash = HashFamily(1, num_rows, seed=seed)
         self.table = EmbeddingTable(num_rows, dim, seed=seed + 1)
 
+    def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hash(ids)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(self.hash(ids)[:, 0])
 
