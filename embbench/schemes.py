@@ -5,6 +5,13 @@ a size budget, ``plan`` resolves the remaining hyper-parameters (a table's rows,
 the exact size; ``build`` returns a torch module mapping a 1-D int64 tensor of raw IDs (any int64, seen in
 training or not) to a float tensor [N, dim]. The size of a module is counted from its state: every
 parameter and persistent buffer, in bytes. :func:`build_embedding` holds the two equal.
+
+A built module may also offer, and the core uses when present:
+
+- ``index_tuples(ids) -> int64 [N, t]``: the rows or codes that alone determine each ID's embedding, for
+  collision statistics (:mod:`embbench.collisions`);
+- ``on_epoch_end(epoch: int) -> None``: called by the trainer after each training epoch (e.g. CCE
+  re-clusters there). It must not change the module's size.
 """
 
 from __future__ import annotations
@@ -133,6 +140,9 @@ class Scheme(ABC):
     unseen: ClassVar[str] = "collided"
     #: registry name, set by :func:`embbench.registry` users; informative only
     name: ClassVar[str] = ""
+    #: whether ``plan`` solves its knobs from the budget and so uses at least 90% of it (the contract tests
+    #: hold schemes to that); False for schemes of a fixed size, such as the full table
+    fills_budget: ClassVar[bool] = True
 
     @abstractmethod
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:

@@ -129,8 +129,8 @@ def train_and_evaluate(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_fn = nn.BCEWithLogitsLoss()
     task = RankingTask(split)
-    train_users = torch.as_tensor(split.train["user"].to_numpy(), dtype=torch.int64)
-    train_items = torch.as_tensor(split.train["item"].to_numpy(), dtype=torch.int64)
+    train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
+    train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
     negatives_per = config.num_negatives
     result = TrainResult()
     best_score, best_state, stale = -np.inf, None, 0
@@ -153,6 +153,10 @@ def train_and_evaluate(
             optimizer.step()
             total_loss += loss.item()
             batches += 1
+        for embedding in (model.user_embedding, model.item_embedding):
+            hook = getattr(embedding, "on_epoch_end", None)
+            if callable(hook):  # e.g. CCE re-clusters its tables between epochs
+                hook(epoch)
         train_seconds = time.perf_counter() - started
         result.train_seconds += train_seconds
         started = time.perf_counter()

@@ -43,6 +43,7 @@ class FullEmbedding(Scheme):
 
     summary = "full table: a row per training ID, one OOV row for unseen IDs (the reference)"
     unseen = "dedicated"
+    fills_budget = False
 
     def __init__(self) -> None:
         self._params = {}
