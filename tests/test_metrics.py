@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -172,14 +171,3 @@ def test_empty_accumulator_gives_nan() -> None:
     assert all(math.isnan(value) for value in result.values())
 
 
-def test_full_catalogue_batch_is_fast() -> None:
-    scores = torch.randn(256, 4000)
-    positive = torch.randint(0, 4000, (256,))
-    excluded = torch.rand(256, 4000) < 0.05
-    excluded[torch.arange(256), positive] = False
-    rank_metrics(scores, positive, excluded)
-    started = time.perf_counter()
-    for _ in range(10):
-        rank_metrics(scores, positive, excluded)
-    # A few ms is typical on 2 cores; the bound only catches a per-user Python loop.
-    assert (time.perf_counter() - started) / 10 < 0.1
