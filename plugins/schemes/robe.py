@@ -1,0 +1,76 @@
+"""``robe``: Random Offset Block Embedding (Desai et al., MLSys 2022) — every embedding is read, block by block,
+out of one shared circular array of M floats at hashed offsets; M is solved from the budget."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embbench import (
+    FLOAT_BYTES,
+    ID_BYTES,
+    MERSENNE_PRIME,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    HashFamily,
+    Scheme,
+    SchemePlan,
+)
+
+
+class RobeLookup(nn.Module):
+    """Element i of x's embedding is array[(h_{i // Z}(x) + i mod Z) mod M]: d/Z blocks of Z consecutive values."""
+
+    def __init__(self, array_size: int, dim: int, block_size: int, seed: int) -> None:
+        super().__init__()
+        num_blocks = -(-dim // block_size)  # the last block is shorter when Z does not divide d
+        self.hash = HashFamily(num_blocks, array_size, seed=seed)
+        # The array is a table of M rows of width 1, so it lives (and shards) like every other table.
+        self.array = EmbeddingTable(array_size, 1, seed=seed + 1)
+        self.array_size, self.dim, self.block_size = array_size, dim, block_size
+        element = torch.arange(dim)
+        self.register_buffer("block_of_element", element // block_size, persistent=False)
+        self.register_buffer("offset_in_block", element % block_size, persistent=False)
+
+    def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
+        """The block offsets h_j(x): they alone fix where x's values are read."""
+        return self.hash(ids)
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [N, d]: the array position of every embedding value."""
+        starts = self.hash(ids)[:, self.block_of_element]
+        return torch.remainder(starts + self.offset_in_block, self.array_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = self.positions(ids)
+        return self.array(positions.reshape(-1)).reshape(len(ids), self.dim)
+
+
+class ROBE(Scheme):
+    """ROBE-Z: one circular array of M floats; x's embedding is d/Z blocks of Z values at offsets h(x, j)."""
+
+    summary = "ROBE (Desai et al. 2022): blocks of Z values at hashed offsets in one shared circular array"
+    unseen = "collided"
+
+    def __init__(self, block_size: int | None = None) -> None:
+        if block_size is not None and not 1 <= block_size <= 1 << 16:
+            raise ValueError(f"block_size must be in [1, 65536] or unset (Z = the embedding dim), got {block_size}")
+        self.block_size = block_size
+        self._params = {"block_size": block_size}
+
+    @staticmethod
+    def size_bytes(array_size: int) -> int:
+        return array_size * FLOAT_BYTES + ID_BYTES  # the array and the hash seed
+
+    def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
+        block_size = min(self.block_size or feature.dim, feature.dim)
+        minimum = self.size_bytes(1)
+        if minimum > budget_bytes:
+            raise BudgetTooSmall("robe", budget_bytes, minimum, "an array of one float and the hash seed")
+        array_size = min(MERSENNE_PRIME, (budget_bytes - ID_BYTES) // FLOAT_BYTES)
+        params = {"block_size": block_size, "array_size": array_size}
+        return SchemePlan("robe", params, self.size_bytes(array_size), budget_bytes)
+
+    def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
+        return RobeLookup(plan.params["array_size"], feature.dim, plan.params["block_size"], seed)

@@ -1,0 +1,50 @@
+"""ROBE's defining property: every embedding is d/Z blocks, each a contiguous circular slice of one array."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embbench import Budget, ConfigError, FeatureSpec, build_embedding
+from embbench.registry import create_scheme
+
+FEATURE = FeatureSpec.from_vocabulary("item", 5000, 16)
+
+
+def build(budget: str = "1/64", **params):
+    budget_bytes = Budget.parse(budget).resolve(FEATURE.num_ids, FEATURE.dim)
+    return build_embedding(create_scheme("robe", **params), "robe", FEATURE, budget_bytes, 0)
+
+
+@pytest.mark.parametrize("block_size", [16, 4, 5])
+def test_embeddings_are_circular_slices_of_the_array_at_the_hashed_offsets(block_size):
+    module, plan = build(block_size=block_size)
+    array = module.array.weight[:, 0].detach()
+    size = plan.params["array_size"]
+    ids = torch.tensor([0, 7, 4999, -3, 2**63 - 1])
+    offsets = module.index_tuples(ids)
+    out = module(ids).detach()
+    for block, start in enumerate(range(0, FEATURE.dim, block_size)):
+        width = min(block_size, FEATURE.dim - start)
+        expected = array[(offsets[:, block : block + 1] + torch.arange(width)) % size]
+        torch.testing.assert_close(out[:, start : start + width], expected, rtol=0, atol=0)
+
+
+def test_a_block_starting_near_the_end_wraps_around_to_the_start():
+    module, plan = build()
+    size = plan.params["array_size"]
+    offsets = module.index_tuples(torch.arange(20000))[:, 0]
+    wrapping = torch.nonzero(offsets > size - FEATURE.dim)[0]
+    positions = module.positions(wrapping)
+    assert positions.min() == 0 and positions.max() == size - 1
+
+
+def test_array_size_fills_the_budget_and_block_size_defaults_to_the_dim():
+    _, plan = build("1/8")
+    budget_bytes = Budget.parse("1/8").resolve(FEATURE.num_ids, FEATURE.dim)
+    assert plan.params == {"block_size": FEATURE.dim, "array_size": (budget_bytes - 8) // 4}
+
+
+def test_block_size_out_of_range_is_rejected():
+    with pytest.raises(ConfigError, match="block_size must be in"):
+        create_scheme("robe", block_size=0)
