@@ -1,48 +1,162 @@
-"""``dhe``: Deep Hash Embedding (Kang et al., KDD 2021) — no table; k universal hashes give a dense code
-that a deep MLP turns into the embedding.
+"""``dhe``: Deep Hash Embedding (Kang et al., KDD 2021) — no table; a parameter-free dense encoding of the
+ID that a deep MLP (the decoder) turns into the embedding.
 
-Encoding: h_j(x) = ((a_j x + b_j) mod p) mod m for j = 1..k (m = 10^6), mapped to U(-1, 1) ("uniform", the
-paper's default) or through Box–Muller to N(0, 1) ("gaussian"). Decoder: h hidden layers of equal width,
-each Linear -> BatchNorm -> Mish, then Linear to the embedding dim. The width is solved from the budget.
+Encodings (the paper's Table 5 comparison): ``uniform`` (Algorithm 1, the default): k universal hashes
+h_j(x) = ((a_j x + b_j) mod p) mod m, m = 10^6, mapped linearly onto [-1, 1]; ``gaussian``: the same hashes
+through Box–Muller to N(0, 1); ``identity``: the ID itself as one feature; ``binary``: the ID's bits, one
+feature each; ``random-fourier``: [cos 2π B v, sin 2π B v] of the ID v with Gaussian frequencies B (Tancik
+et al., NeurIPS 2020). Decoder architectures (the paper's Table 7): ``equal`` widths (the default),
+``pyramid`` (halving), ``inverted-pyramid`` (doubling), ``residual`` (equal widths with identity skips) and
+``densenet`` (each layer reads all earlier hidden outputs). The width is solved from the budget.
+
+Speed: the encoding is computed block by block from float64 hash values (see embbench.hashing) straight
+into float32, never as an int64 [N, k] tensor; in eval mode BatchNorm is folded into the preceding Linear;
+``cache_known_ids`` / :meth:`DHEModule.freeze` keep the embeddings of known IDs for inference.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from embbench import (
+    FLOAT_BYTES,
     ID_BYTES,
+    MERSENNE_PRIME,
     BudgetTooSmall,
     FeatureSpec,
     HashFamily,
     Scheme,
     SchemePlan,
     largest_fitting,
-    mlp_size_bytes,
 )
 
 ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
-ENCODINGS = ("uniform", "gaussian")
+ENCODINGS = ("uniform", "gaussian", "identity", "binary", "random-fourier")
+HASHED_ENCODINGS = ("uniform", "gaussian")
+#: encodings whose random parts are regenerated from one stored int64 seed (8 bytes of state)
+SEEDED_ENCODINGS = ("uniform", "gaussian", "random-fourier")
+ARCHITECTURES = ("equal", "pyramid", "inverted-pyramid", "residual", "densenet")
 MAX_WIDTH = 1 << 16
+#: IDs embedded at once when filling the inference cache, to bound memory (IDs x k floats)
+CACHE_CHUNK_IDS = 1 << 14
+
+
+def id_range(ids: np.ndarray) -> tuple[int, int]:
+    """(largest training ID mod p, at least 1; its bit length): the scale of the identity and random-Fourier
+    encodings and the bit count of the binary encoding, fixed at plan time from the training split."""
+    largest = int((np.asarray(ids, dtype=np.int64) % MERSENNE_PRIME).max()) if len(ids) else 1
+    largest = max(largest, 1)
+    return largest, largest.bit_length()
+
+
+def hidden_widths(architecture: str, width: int, hidden_layers: int) -> list[int]:
+    """Widths of the hidden layers; ``width`` is the widest (first of a pyramid, last of an inverted one)."""
+    if architecture == "pyramid":
+        return [max(1, width >> layer) for layer in range(hidden_layers)]
+    if architecture == "inverted-pyramid":
+        return [max(1, width >> layer) for layer in reversed(range(hidden_layers))]
+    return [width] * hidden_layers
+
+
+def layer_shapes(
+    architecture: str, encoding_dim: int, width: int, hidden_layers: int, dim: int
+) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of every Linear of the decoder, the output layer last."""
+    widths = hidden_widths(architecture, width, hidden_layers)
+    shapes, fan_in = [], encoding_dim
+    for layer, fan_out in enumerate(widths):
+        shapes.append((fan_in, fan_out))
+        # A DenseNet-like layer reads the concatenation of every hidden output before it.
+        fan_in = sum(widths[: layer + 1]) if architecture == "densenet" else fan_out
+    shapes.append((fan_in, dim))
+    return shapes
+
+
+def decoder_size_bytes(shapes: list[tuple[int, int]], batch_norm: bool) -> int:
+    """Linear weights and biases, and per hidden unit a BatchNorm's weight, bias, running mean and variance
+    (4 floats) plus one int64 batch counter per BatchNorm. Skip connections hold no state."""
+    linear = sum(fan_in * fan_out + fan_out for fan_in, fan_out in shapes) * FLOAT_BYTES
+    norms = sum(4 * fan_out * FLOAT_BYTES + ID_BYTES for _, fan_out in shapes[:-1]) if batch_norm else 0
+    return linear + norms
 
 
 class DHEEncoder(nn.Module):
-    """IDs -> dense hash encoding [N, k], values in [-1, 1] (uniform) or standard normal (gaussian)."""
+    """IDs -> the dense encoding, float32 [N, encoding_dim]; no parameters (at most a stored seed)."""
 
-    def __init__(self, num_hashes: int, num_buckets: int, encoding: str, seed: int) -> None:
+    def __init__(
+        self, encoding: str, num_hashes: int, num_buckets: int, id_scale: int, id_bits: int,
+        fourier_scale: float, seed: int,
+    ) -> None:
         super().__init__()
-        self.hash = HashFamily(num_hashes, num_buckets, seed=seed)
-        self.encoding = encoding
+        self.encoding, self.id_scale, self.id_bits = encoding, id_scale, id_bits
+        if encoding in HASHED_ENCODINGS:
+            self.hash = HashFamily(num_hashes, num_buckets, seed=seed)
+            self.dim = num_hashes
+        elif encoding == "random-fourier":
+            self.register_buffer("fourier_seed", torch.tensor(int(seed), dtype=torch.int64))
+            self.register_buffer("frequencies", torch.empty(num_hashes // 2, dtype=torch.float64), persistent=False)
+            self.fourier_scale = fourier_scale
+            self._regenerate()
+            self.dim = num_hashes
+        else:
+            self.dim = 1 if encoding == "identity" else id_bits
+        if encoding == "binary":
+            self.register_buffer("bit_positions", torch.arange(id_bits, dtype=torch.int64), persistent=False)
+
+    def _regenerate(self) -> None:
+        generator = torch.Generator().manual_seed(int(self.fourier_seed))
+        frequencies = torch.randn(self.frequencies.numel(), generator=generator, dtype=torch.float64)
+        self.frequencies.copy_(frequencies * self.fourier_scale)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.encoding == "random-fourier":
+            self._regenerate()
+
+    def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the encoding is a function of: the k hash values, or the ID mod p (its low bits for binary)."""
+        if self.encoding in HASHED_ENCODINGS:
+            return self.hash(ids)
+        reduced = torch.remainder(ids, MERSENNE_PRIME)
+        if self.encoding == "binary":
+            reduced = reduced & ((1 << self.id_bits) - 1)
+        return reduced.unsqueeze(1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        buckets = self.hash(ids).to(torch.float32)
-        scale = max(self.hash.num_buckets - 1, 1)
         if self.encoding == "uniform":
-            return buckets * (2.0 / scale) - 1.0
+            return self._uniform(ids)
+        if self.encoding == "gaussian":
+            return self._gaussian(ids)
+        reduced = torch.remainder(ids, MERSENNE_PRIME)
+        if self.encoding == "binary":
+            bits = (reduced.unsqueeze(1) >> self.bit_positions) & 1
+            return bits.to(torch.float32) * 2.0 - 1.0
+        position = reduced.to(torch.float64) / self.id_scale  # training IDs in [0, 1]
+        if self.encoding == "identity":
+            return (position * 2.0 - 1.0).to(torch.float32).unsqueeze(1)
+        angles = (2.0 * math.pi) * position.unsqueeze(1) * self.frequencies  # in float64: v is fine-grained
+        return torch.cat((torch.cos(angles), torch.sin(angles)), dim=1).to(torch.float32)
+
+    def _uniform(self, ids: torch.Tensor) -> torch.Tensor:
+        # Algorithm 1's transform, bucket * 2 / (m - 1) - 1, per cache-sized block of hash values.
+        scale = 2.0 / max(self.hash.num_buckets - 1, 1)
+        code = torch.empty(ids.numel(), self.dim, dtype=torch.float32, device=ids.device)
+        for rows, values in self.hash.hash_blocks(ids):
+            code[rows].copy_(values).mul_(scale).sub_(1.0)
+        return code
+
+    def _gaussian(self, ids: torch.Tensor) -> torch.Tensor:
         # Box–Muller on pairs of hash values mapped into (0, 1].
+        buckets = torch.empty(ids.numel(), self.dim, dtype=torch.float32, device=ids.device)
+        for rows, values in self.hash.hash_blocks(ids):
+            buckets[rows].copy_(values)
+        scale = max(self.hash.num_buckets - 1, 1)
         unit = (buckets + 1.0) / (scale + 1.0)
         first, second = unit[:, 0::2], unit[:, 1::2]
         radius = torch.sqrt(-2.0 * torch.log(first))
@@ -50,43 +164,132 @@ class DHEEncoder(nn.Module):
         return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=2).flatten(1)
 
 
-class DHEModule(nn.Module):
+class DHEDecoder(nn.Module):
+    """The embedding network: hidden layers Linear -> [BatchNorm] -> activation, then Linear to ``dim``.
+
+    ``residual`` adds each hidden layer's input to its output (from the second layer on, where the shapes
+    agree); ``densenet`` feeds each layer the concatenation of all earlier hidden outputs. In eval mode
+    each BatchNorm is folded into the Linear before it (same outputs up to float rounding, fewer passes).
+    """
+
     def __init__(
-        self,
-        num_hashes: int,
-        num_buckets: int,
-        encoding: str,
-        width: int,
-        hidden_layers: int,
-        dim: int,
-        activation: str,
-        batch_norm: bool,
-        seed: int,
+        self, shapes: list[tuple[int, int]], architecture: str, activation: str, batch_norm: bool
     ) -> None:
         super().__init__()
-        self.encoder = DHEEncoder(num_hashes, num_buckets, encoding, seed)
-        torch.manual_seed(seed + 1)  # the decoder's initial weights, reproducibly
-        layers: list[nn.Module] = []
-        fan_in = num_hashes
-        for _ in range(hidden_layers):
-            layers.append(nn.Linear(fan_in, width))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(ACTIVATIONS[activation]())
-            fan_in = width
-        layers.append(nn.Linear(fan_in, dim))
-        self.decoder = nn.Sequential(*layers)
+        self.architecture, self.batch_norm = architecture, batch_norm
+        self.hidden = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in shapes[:-1])
+        self.norms = nn.ModuleList(nn.BatchNorm1d(fan_out) for _, fan_out in shapes[:-1]) if batch_norm else None
+        self.activation = ACTIVATIONS[activation]()
+        self.output = nn.Linear(*shapes[-1])
+
+    def _affine(self, layer: int, inputs: torch.Tensor) -> torch.Tensor:
+        linear = self.hidden[layer]
+        if self.norms is None:
+            return linear(inputs)
+        norm = self.norms[layer]
+        if self.training or norm.running_mean is None:
+            return norm(linear(inputs))
+        # BN(W x + b) = s (W x + b - mean) + beta with s = gamma / sqrt(var + eps): one Linear.
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        weight = linear.weight * scale.unsqueeze(1)
+        bias = (linear.bias - norm.running_mean) * scale + norm.bias
+        return F.linear(inputs, weight, bias)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        inputs, outputs = code, []
+        for layer in range(len(self.hidden)):
+            hidden = self.activation(self._affine(layer, inputs))
+            if self.architecture == "residual" and layer > 0:
+                hidden = hidden + inputs
+            if self.architecture == "densenet":
+                outputs.append(hidden)
+                inputs = torch.cat(outputs, dim=1) if len(outputs) > 1 else hidden
+            else:
+                inputs = hidden
+        return self.output(inputs)
+
+
+class DHEModule(nn.Module):
+    """encoder -> decoder, with an optional inference cache of the embeddings of known IDs.
+
+    The cache (``freeze(ids)``, or automatic for the training IDs with ``cache_known_ids``) is a derived
+    artefact: non-persistent buffers, outside state_dict and the size; used only in eval mode without
+    autograd (cached rows carry no gradient); dropped whenever the module trains or loads a state.
+    """
+
+    def __init__(
+        self,
+        encoder: DHEEncoder,
+        decoder: DHEDecoder,
+        known_ids: torch.Tensor | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.register_buffer("known_ids", known_ids, persistent=False)  # None unless cache_known_ids
+        self.register_buffer("cached_ids", torch.empty(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("cached_embeddings", torch.empty(0, 0), persistent=False)
+        self.compile = compile
+        self._compiled: Any = None  # built on first use: compiling costs seconds and a C++ toolchain
 
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
-        """The k hash values: IDs with equal values get equal encodings, hence equal embeddings."""
-        return self.encoder.hash(ids)
+        """IDs with equal tuples (hash values, or the ID mod p) get equal encodings, hence embeddings."""
+        return self.encoder.index_tuples(ids)
+
+    def _compute(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(ids))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.compile:
+            return self._compute(ids)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._compute, dynamic=True)
+        return self._compiled(ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(ids))
+        if self.training or torch.is_grad_enabled():
+            return self._embed(ids)
+        if self.known_ids is not None and self.cached_ids.numel() == 0:
+            self.freeze(self.known_ids)
+        if self.cached_ids.numel() == 0:
+            return self._embed(ids)
+        position = torch.searchsorted(self.cached_ids, ids).clamp_(max=self.cached_ids.numel() - 1)
+        known = self.cached_ids[position] == ids
+        if bool(known.all()):
+            return self.cached_embeddings[position]
+        out = torch.empty(ids.numel(), self.cached_embeddings.shape[1], dtype=self.cached_embeddings.dtype)
+        out[known] = self.cached_embeddings[position[known]]
+        unseen = ~known
+        out[unseen] = self._embed(ids[unseen])
+        return out
+
+    @torch.no_grad()
+    def freeze(self, ids: torch.Tensor) -> DHEModule:
+        """Switch to eval mode and cache the embeddings of ``ids`` for inference; other IDs are still
+        computed on the fly. The cache is dropped by ``train()``."""
+        self.eval()
+        ids = torch.unique(ids.to(torch.int64))
+        embeddings = torch.cat([self._embed(chunk) for chunk in ids.split(CACHE_CHUNK_IDS)]) if ids.numel() else None
+        self.cached_ids = ids
+        self.cached_embeddings = embeddings if embeddings is not None else torch.empty(0, 0)
+        return self
+
+    def clear_cache(self) -> None:
+        self.cached_ids = torch.empty(0, dtype=torch.int64)
+        self.cached_embeddings = torch.empty(0, 0)
+
+    def train(self, mode: bool = True) -> DHEModule:
+        if mode:
+            self.clear_cache()  # the decoder is about to change
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 class DeepHashEmbedding(Scheme):
-    """Deep Hash Embedding: k hashes -> dense encoding -> equal-width MLP (BatchNorm, Mish); width from budget."""
+    """Deep Hash Embedding: dense ID encoding -> MLP decoder; the width is solved from the budget."""
 
     summary = "Deep Hash Embedding (Kang et al. 2021): k hashes -> dense code -> MLP; no table"
     unseen = "generated"
@@ -100,6 +303,10 @@ class DeepHashEmbedding(Scheme):
         activation: str = "mish",
         batch_norm: bool = True,
         encoding: str = "uniform",
+        architecture: str = "equal",
+        fourier_scale: float = 10.0,
+        cache_known_ids: bool = False,
+        compile: bool = False,
     ) -> None:
         if not 1 <= num_hashes <= 65536:
             raise ValueError(f"num_hashes must be in [1, 65536], got {num_hashes}")
@@ -113,22 +320,42 @@ class DeepHashEmbedding(Scheme):
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{activation}'")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got '{encoding}'")
-        if encoding == "gaussian" and num_hashes % 2:
-            raise ValueError(f"num_hashes must be even for the gaussian encoding (Box–Muller pairs), got {num_hashes}")
+        if encoding in ("gaussian", "random-fourier") and num_hashes % 2:
+            raise ValueError(
+                f"num_hashes must be even for the {encoding} encoding (cos/sin or Box–Muller pairs), got {num_hashes}"
+            )
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got '{architecture}'")
+        if not (isinstance(fourier_scale, int | float) and 0 < fourier_scale < math.inf):
+            raise ValueError(f"fourier_scale must be a positive finite number, got {fourier_scale}")
         self.num_hashes, self.num_buckets, self.hidden_layers = num_hashes, num_buckets, hidden_layers
         self.width, self.activation, self.batch_norm, self.encoding = width, activation, batch_norm, encoding
+        self.architecture = architecture
         self._params = {
             "num_hashes": num_hashes, "num_buckets": num_buckets, "hidden_layers": hidden_layers,
             "width": width, "activation": activation, "batch_norm": batch_norm, "encoding": encoding,
+            "architecture": architecture, "fourier_scale": float(fourier_scale),
+            "cache_known_ids": bool(cache_known_ids), "compile": bool(compile),
         }
 
-    def size_bytes(self, width: int, dim: int) -> int:
-        widths = [self.num_hashes] + [width] * self.hidden_layers + [dim]
-        return mlp_size_bytes(widths, self.batch_norm) + ID_BYTES  # the decoder and the hash seed
+    def encoding_dim(self, id_bits: int = 1) -> int:
+        """Features of the encoding: k, except 1 for identity and the training IDs' bit count for binary."""
+        return {"identity": 1, "binary": id_bits}.get(self.encoding, self.num_hashes)
+
+    def size_bytes(self, width: int, dim: int, encoding_dim: int | None = None) -> int:
+        """The decoder's state, plus the 8-byte seed of a hashed or random-Fourier encoding."""
+        shapes = layer_shapes(
+            self.architecture, encoding_dim or self.encoding_dim(), width, self.hidden_layers, dim
+        )
+        seed_bytes = ID_BYTES if self.encoding in SEEDED_ENCODINGS else 0
+        return decoder_size_bytes(shapes, self.batch_norm) + seed_bytes
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
+        id_scale, id_bits = id_range(feature.ids)
+        encoding_dim = self.encoding_dim(id_bits)
+
         def size_of(width: int) -> int:
-            return self.size_bytes(width, feature.dim)
+            return self.size_bytes(width, feature.dim, encoding_dim)
 
         if self.width is not None:
             width = self.width if size_of(self.width) <= budget_bytes else None
@@ -138,14 +365,26 @@ class DeepHashEmbedding(Scheme):
             lowest = 1
         if width is None:
             raise BudgetTooSmall(
-                "dhe", budget_bytes, size_of(lowest), f"k={self.num_hashes} hashes, width {lowest}"
+                "dhe", budget_bytes, size_of(lowest),
+                f"{self.encoding} encoding of {encoding_dim} features, width {lowest}",
             )
-        params = dict(self._params, width=width)
-        return SchemePlan("dhe", params, size_of(width), budget_bytes)
+        params = dict(self._params, width=width, id_scale=id_scale, id_bits=id_bits)
+        notes = {"hidden_widths": hidden_widths(self.architecture, width, self.hidden_layers)}
+        return SchemePlan("dhe", params, size_of(width), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params
-        return DHEModule(
-            p["num_hashes"], p["num_buckets"], p["encoding"], p["width"], p["hidden_layers"],
-            feature.dim, p["activation"], p["batch_norm"], seed,
+        id_scale, id_bits = p.get("id_scale"), p.get("id_bits")
+        if id_scale is None or id_bits is None:
+            id_scale, id_bits = id_range(feature.ids)
+        encoder = DHEEncoder(
+            p["encoding"], p["num_hashes"], p["num_buckets"], id_scale, id_bits,
+            p.get("fourier_scale", 10.0), seed,
         )
+        torch.manual_seed(seed + 1)  # the decoder's initial weights, reproducibly
+        shapes = layer_shapes(
+            p.get("architecture", "equal"), encoder.dim, p["width"], p["hidden_layers"], feature.dim
+        )
+        decoder = DHEDecoder(shapes, p.get("architecture", "equal"), p["activation"], p["batch_norm"])
+        known_ids = torch.as_tensor(feature.ids, dtype=torch.int64) if p.get("cache_known_ids") else None
+        return DHEModule(encoder, decoder, known_ids, compile=bool(p.get("compile", False)))
