@@ -18,12 +18,14 @@ from embbench.schemes import (
     mlp_size_bytes,
     state_size_bytes,
 )
-from embbench.tables import EmbeddingTable
+from embbench.tables import DEFAULT_INIT_STD, EmbeddingTable
+from embbench.vocabulary import VocabularyIndex
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FLOAT_BYTES", "ID_BYTES", "MERSENNE_PRIME", "Budget", "BudgetTooSmall", "ConfigError", "DataNotFound",
-    "EmbbenchError", "EmbeddingTable", "FeatureSpec", "HashFamily", "PluginError", "Scheme", "SchemePlan",
-    "build_embedding", "full_table_bytes", "largest_fitting", "mlp_size_bytes", "state_size_bytes",
+    "DEFAULT_INIT_STD", "FLOAT_BYTES", "ID_BYTES", "MERSENNE_PRIME", "Budget", "BudgetTooSmall",
+    "ConfigError", "DataNotFound", "EmbbenchError", "EmbeddingTable", "FeatureSpec", "HashFamily",
+    "PluginError", "Scheme", "SchemePlan", "VocabularyIndex", "build_embedding", "full_table_bytes",
+    "largest_fitting", "mlp_size_bytes", "state_size_bytes",
 ]

@@ -28,8 +28,13 @@ GROUP_KEYS = ["suite", "dataset", "model", "device", "scheme_label", "budget"]
 PANEL_KEYS = ["suite", "dataset", "model", "device"]
 CONFIDENCE = 0.95
 SIZE_AXIS_LABEL = "embedding size (bytes, log scale)"
+X_AXES = {
+    "size_bytes": SIZE_AXIS_LABEL,
+    "embedding_latency_ms": "embedding inference latency, user + item, largest batch (ms, log scale)",
+}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
 FRONT_MARK, OVERLAP_MARK = "★", "☆"
+NUMERIC_MEANS = ("size_bytes", "full_bytes", "train_seconds", "embedding_latency_ms", "train_examples_per_second")
 
 
 def summarize_results(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
@@ -45,7 +50,7 @@ def summarize_results(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
     if ok.empty:
         return pd.DataFrame(columns=columns)
     ok = ok.assign(
-        **{name: _number(ok, name) for name in ("size_bytes", "full_bytes", "train_seconds", *METRIC_LABELS)},
+        **{name: _number(ok, name) for name in (*NUMERIC_MEANS, *METRIC_LABELS)},
         **{name: _text(ok, name) for name in [*GROUP_KEYS, "scheme"]},
     )
     grouped = ok.groupby(GROUP_KEYS, sort=True, dropna=False)
@@ -55,6 +60,8 @@ def summarize_results(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
         full_bytes=("full_bytes", "mean"),
         seeds=("seed", "size"),
         train_seconds=("train_seconds", "mean"),
+        embedding_latency_ms=("embedding_latency_ms", "mean"),
+        train_examples_per_second=("train_examples_per_second", "mean"),
     )
     for metric in METRIC_LABELS:
         stats = grouped[metric].agg(["mean", "std", "count"])
@@ -101,17 +108,21 @@ def pareto_figure(
     *,
     suite: str | None = None,
     labels: Sequence[str] | None = None,
+    x: str = "size_bytes",
 ) -> Figure:
     """The Pareto plot of one panel as a matplotlib Figure (not registered with pyplot; nothing to close).
 
+    ``x`` is the cost axis: ``size_bytes`` (default) or ``embedding_latency_ms``; less is better on both.
     ``labels`` fixes the palette (default: every scheme label in ``summary``, not just this panel's).
     """
     if metric not in METRIC_LABELS:
         raise ValueError(f"metric must be one of {sorted(METRIC_LABELS)}, got '{metric}'")
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {sorted(X_AXES)}, got '{x}'")
     selected = (summary["dataset"] == dataset) & (summary["model"] == model) & (summary["device"] == device)
     if suite is not None:
         selected &= summary["suite"] == suite
-    panel = summary[selected & summary[f"{metric}_mean"].notna()].sort_values("size_bytes")
+    panel = summary[selected & summary[f"{metric}_mean"].notna() & summary[x].notna()].sort_values(x)
     if panel.empty:
         raise ValueError(f"no summary rows with {metric} for {dataset} · {model} · {device}")
     styles = scheme_styles(summary["scheme_label"] if labels is None else labels)
@@ -120,7 +131,7 @@ def pareto_figure(
     if missing:
         raise ValueError(f"labels has no style for scheme labels {missing}")
     mean, low, high = (panel[f"{metric}_{part}"].to_numpy(dtype=float) for part in ("mean", "low", "high"))
-    size = panel["size_bytes"].to_numpy(dtype=float)
+    size = panel[x].to_numpy(dtype=float)
 
     with sns.axes_style("whitegrid"):
         figure = Figure(figsize=(8.0, 4.8))
@@ -128,7 +139,7 @@ def pareto_figure(
         axes = figure.add_subplot()
     # Each scheme's points joined in size order, so its own trade-off curve reads at a glance.
     sns.lineplot(
-        data=panel, x="size_bytes", y=f"{metric}_mean", hue="scheme_label", style="scheme_label",
+        data=panel, x=x, y=f"{metric}_mean", hue="scheme_label", style="scheme_label",
         hue_order=present, style_order=present, palette={label: styles[label][0] for label in present},
         markers={label: styles[label][1] for label in present}, dashes=False, estimator=None, sort=True,
         markersize=7, linewidth=1.0, legend=False, ax=axes, zorder=3,
@@ -154,7 +165,7 @@ def pareto_figure(
         handles.append(Line2D([], [], color="grey", linestyle="--", label=f"best full ({reference:.4f})"))
 
     axes.set_xscale("log")
-    axes.set_xlabel(SIZE_AXIS_LABEL)
+    axes.set_xlabel(X_AXES[x])
     axes.set_ylabel(METRIC_LABELS[metric])
     axes.set_title(f"{dataset} · {model} · {device}")
     axes.legend(handles=handles, title="scheme", loc="upper left", bbox_to_anchor=(1.02, 1.0),
@@ -173,9 +184,10 @@ def plot_pareto(
     *,
     suite: str | None = None,
     labels: Sequence[str] | None = None,
+    x: str = "size_bytes",
 ) -> Path:
-    """Save the panel's Pareto plot (metric against size, CI bars, front as a step) as a PNG at ``path``."""
-    figure = pareto_figure(summary, dataset, model, device, metric, suite=suite, labels=labels)
+    """Save the panel's Pareto plot (metric against size or latency, CI bars, front as a step) as a PNG."""
+    figure = pareto_figure(summary, dataset, model, device, metric, suite=suite, labels=labels, x=x)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
@@ -217,12 +229,14 @@ def write_report(
         for (suite, dataset, model, device), panel in summary.groupby(PANEL_KEYS, sort=True, dropna=False):
             heading = f"{dataset} · {model} · {device}"
             lines += [f"## {f'{suite} · ' if several_suites else ''}{heading}", "", _panel_table(panel), ""]
-            for metric, metric_label in METRIC_LABELS.items():
-                if panel[f"{metric}_mean"].notna().any():
-                    name = _slug(f"{suite}__{dataset}__{model}__{device}__{metric}") + ".png"
-                    plot_pareto(summary, dataset, model, device, metric, figures_dir / name, suite=suite,
-                                labels=labels)
-                    lines += [f"![{metric_label}: {_escape(heading)}](figures/{name})", ""]
+            for x, x_label in (("size_bytes", "size"), ("embedding_latency_ms", "latency")):
+                for metric, metric_label in METRIC_LABELS.items():
+                    if (panel[f"{metric}_mean"].notna() & panel[x].notna()).any():
+                        suffix = "" if x == "size_bytes" else "__latency"
+                        name = _slug(f"{suite}__{dataset}__{model}__{device}__{metric}{suffix}") + ".png"
+                        plot_pareto(summary, dataset, model, device, metric, figures_dir / name, suite=suite,
+                                    labels=labels, x=x)
+                        lines += [f"![{metric_label} vs {x_label}: {_escape(heading)}](figures/{name})", ""]
 
     not_ok = frame[status != "ok"] if len(frame) else frame
     if len(not_ok):
@@ -263,10 +277,15 @@ def _panel_table(panel: pd.DataFrame) -> str:
         rows.append([
             row.scheme_label, str(row.budget), size,
             _metric_cell(row, "test_auc"), _metric_cell(row, "test_hr10"),
-            str(row.seeds), "–" if math.isnan(row.train_seconds) else f"{row.train_seconds:.1f}",
+            str(row.seeds), _number_text(row.train_seconds, ".1f"),
+            _number_text(row.train_examples_per_second, ",.0f"), _number_text(row.embedding_latency_ms, ".3g"),
         ])
-    header = ["scheme", "budget", "size", "test AUC", "test HR@10", "seeds", "train s"]
-    return markdown_table(header, rows, align="lllrrrr")
+    header = ["scheme", "budget", "size", "test AUC", "test HR@10", "seeds", "train s", "train ex/s", "latency ms"]
+    return markdown_table(header, rows, align="lllrrrrrr")
+
+
+def _number_text(value: float, spec: str) -> str:
+    return "–" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _metric_cell(row: Any, metric: str) -> str:
@@ -330,7 +349,7 @@ def _number(frame: pd.DataFrame, name: str) -> pd.Series:
 def _summary_columns() -> list[str]:
     columns = [*GROUP_KEYS, "scheme", "size_bytes", "full_bytes", "seeds"]
     columns += [f"{metric}_{part}" for metric in METRIC_LABELS for part in ("mean", "low", "high")]
-    columns.append("train_seconds")
+    columns += ["train_seconds", "embedding_latency_ms", "train_examples_per_second"]
     columns += [f"{metric}_{flag}" for metric in METRIC_LABELS
                 for flag in ("on_front", "overlaps_front", "front_best")]
     return columns

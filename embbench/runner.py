@@ -22,6 +22,7 @@ from embbench import registry
 from embbench.data import Split, prepare_split
 from embbench.environment import device_name, environment, git_commit, host
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
+from embbench.latency import measure_cell_latency, resident_bytes
 from embbench.models import RESERVED_ARGUMENTS
 from embbench.schemes import Budget, FeatureSpec, SchemePlan, build_embedding, full_table_bytes
 from embbench.store import DEFAULT_DB, ResultStore
@@ -163,6 +164,7 @@ def run_cell(
     record.update(device_name=device_name(device), environment_json=environment(device))
     try:
         scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
+        memory_before = _memory_in_use(device)
         embeddings = {}
         for offset, (name, feature) in enumerate(features.items()):
             module, _ = build_embedding(
@@ -172,6 +174,7 @@ def run_cell(
         torch.manual_seed(cell.seed)
         model_class = registry.get_plugin("models", cell.model.name)
         model = model_class(embeddings["user"], embeddings["item"], cell.dim, **cell.model.params)
+        record["peak_memory_bytes"] = _embedding_memory(model, split, device, memory_before)
         record["dense_bytes"] = model.dense_size_bytes()
         record["table_backend"] = table_backend()
         config = TrainConfig(**cell.training)
@@ -188,11 +191,51 @@ def run_cell(
             epochs_run=len(result.history),
             best_epoch=result.best_epoch,
             history_json=result.history,
+            train_examples_per_second=result.examples_per_second,
         )
+        if cell.latency_batch_sizes:
+            latency = measure_cell_latency(
+                model, torch.as_tensor(split.users), torch.as_tensor(split.items), device, cell.latency_batch_sizes
+            )
+            record.update(
+                latency_json=latency,
+                embedding_latency_ms=latency["user_embedding"][-1]["median_ms"]
+                + latency["item_embedding"][-1]["median_ms"],
+                model_latency_ms=latency["model"]["median_ms"],
+            )
     except Exception:  # one failing cell must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
     record.update(wall_seconds=time.perf_counter() - started, finished_at=_now())
     return record
+
+
+def _memory_in_use(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return resident_bytes()
+
+
+def _embedding_memory(model: Any, split: Split, device: torch.device, before: int | None) -> int | None:
+    """Peak memory of building the embeddings and one training step of a 4096-ID batch through each: bytes
+    allocated on a GPU; the growth of the process's resident set on a CPU (an estimate: freed memory that
+    the allocator keeps, or reuses, blurs it)."""
+    if before is None:
+        return None
+    model.to(device)
+    for module, pool in ((model.user_embedding, split.users), (model.item_embedding, split.items)):
+        # The probe step must leave no trace in training: restore buffers (e.g. BatchNorm statistics).
+        buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
+        ids = torch.as_tensor(pool[:4096]).to(device)
+        module(ids).sum().backward()
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    after = resident_bytes()
+    return None if after is None else max(0, after - before)
 
 
 def run_suite(

@@ -46,12 +46,17 @@ COLUMNS: dict[str, str] = {
     "wall_seconds": "REAL",
     "epochs_run": "INTEGER",
     "best_epoch": "INTEGER",
+    "embedding_latency_ms": "REAL",
+    "model_latency_ms": "REAL",
+    "train_examples_per_second": "REAL",
+    "peak_memory_bytes": "INTEGER",
     "device_name": "TEXT",
     "table_backend": "TEXT",
     "threads": "INTEGER",
     "config_json": "TEXT NOT NULL",
     "plan_json": "TEXT",
     "history_json": "TEXT",
+    "latency_json": "TEXT",
     "environment_json": "TEXT",
     "git_commit": "TEXT",
     "host": "TEXT",
@@ -59,7 +64,7 @@ COLUMNS: dict[str, str] = {
     "started_at": "TEXT",
     "finished_at": "TEXT",
 }
-JSON_COLUMNS = ("config_json", "plan_json", "history_json", "environment_json")
+JSON_COLUMNS = ("config_json", "plan_json", "history_json", "environment_json", "latency_json")
 
 
 class ResultStore:
@@ -83,6 +88,11 @@ class ResultStore:
                 connection.execute("PRAGMA journal_mode=WAL")
                 columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
                 connection.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns})")
+                # A database written by an older embbench lacks newer columns: add them (as NULL).
+                present = {row[1] for row in connection.execute("PRAGMA table_info(cells)")}
+                for name, kind in COLUMNS.items():
+                    if name not in present:
+                        connection.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind.split(' CHECK')[0]}")
                 connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
                 connection.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)

@@ -36,6 +36,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "num_negatives": ((int,), "sampled negatives per positive"),
     "patience": ((int,), "epochs without validation improvement before stopping"),
     "early_stopping": ((str,), "validation metric for early stopping: auc or hr@10"),
+    "latency_batch_sizes": ((list,), "batch sizes of the inference latency measurement; [] skips it"),
     "datasets": ((list,), "[[datasets]] entries"),
     "models": ((list,), "[[models]] entries"),
     "schemes": ((list,), "[[schemes]] entries"),
@@ -57,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "num_negatives": 4,
     "patience": 2,
     "early_stopping": "auc",
+    "latency_batch_sizes": [1, 128, 4096],
 }
 TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "num_negatives", "patience", "early_stopping")
 
@@ -85,6 +87,8 @@ class Cell:
     seed: int
     dim: int
     training: dict[str, Any]
+    # What is measured after training; not part of the key, since it does not change what is trained.
+    latency_batch_sizes: tuple[int, ...] = (1, 128, 4096)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -129,7 +133,10 @@ class Suite:
         for dataset, model, scheme in itertools.product(self.datasets, self.models, self.schemes):
             budgets = scheme.budgets or tuple(s["budgets"])
             for budget, device, seed in itertools.product(budgets, s["devices"], s["seeds"]):
-                cells.append(Cell(self.name, dataset, model, scheme, budget, device, seed, s["dim"], training))
+                cells.append(Cell(
+                    self.name, dataset, model, scheme, budget, device, seed, s["dim"], training,
+                    tuple(s["latency_batch_sizes"]),
+                ))
         return cells
 
 
@@ -238,12 +245,15 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
         raise ConfigError(f"{where}: 'learning_rate' must be > 0, got {settings['learning_rate']}")
     if settings["early_stopping"] not in ("auc", "hr@10"):
         raise ConfigError(f"{where}: 'early_stopping' must be 'auc' or 'hr@10', got '{settings['early_stopping']}'")
-    for key in ("seeds", "devices", "budgets"):
+    for key in ("seeds", "devices", "budgets"):  # latency_batch_sizes may be empty: no latency
         if not settings[key]:
             raise ConfigError(f"{where}: '{key}' must not be empty")
     for seed in settings["seeds"]:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {seed!r}")
+    for size in settings["latency_batch_sizes"]:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"{where}: latency_batch_sizes must be positive integers, got {size!r}")
     for device in settings["devices"]:
         if device not in DEVICES:
             raise ConfigError(

@@ -60,6 +60,12 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    train_examples: int = 0  # (user, item, label) examples trained on, over all epochs
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training throughput: forward, backward and optimizer step, examples per second."""
+        return self.train_examples / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
 class RankingTask:
@@ -159,6 +165,7 @@ def train_and_evaluate(
                 hook(epoch)
         train_seconds = time.perf_counter() - started
         result.train_seconds += train_seconds
+        result.train_examples += len(users)
         started = time.perf_counter()
         validation = evaluate(model, task, "validation", device, config.eval_batch_users)
         result.eval_seconds += time.perf_counter() - started

@@ -5,10 +5,9 @@ split into blocks of bits; each block, read as a number, picks a row of its bloc
 from __future__ import annotations
 
 import torch
-from embbench_plugins.schemes.compositional import VocabularyIndex
 from torch import nn
 
-from embbench import FLOAT_BYTES, BudgetTooSmall, EmbeddingTable, FeatureSpec, Scheme, SchemePlan
+from embbench import FLOAT_BYTES, BudgetTooSmall, EmbeddingTable, FeatureSpec, Scheme, SchemePlan, VocabularyIndex
 
 STRATEGIES = ("succession", "skip")
 FUSIONS = ("sum", "mean")

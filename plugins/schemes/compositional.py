@@ -1,7 +1,5 @@
 """``compositional``: collision-free compositional embeddings from k complementary partitions (Shi et al.,
-KDD 2020); k = 2 is the quotient-remainder trick. Also home of :class:`VocabularyIndex`, the dense index
-that the collision-free schemes (this one and ``binary-code``) share.
-"""
+KDD 2020); k = 2 is the quotient-remainder trick."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from embbench import (
+    DEFAULT_INIT_STD,
     FLOAT_BYTES,
     ID_BYTES,
     BudgetTooSmall,
@@ -20,55 +19,12 @@ from embbench import (
     FeatureSpec,
     Scheme,
     SchemePlan,
+    VocabularyIndex,
     largest_fitting,
 )
 
 OPERATIONS = ("add", "mult", "concat")
 MAX_PARTITIONS = 16
-#: EmbeddingTable's default initial std, the scale every scheme's embeddings start at
-TABLE_INIT_STD = 0.01
-
-
-def is_contiguous(ids: np.ndarray) -> bool:
-    """Whether sorted distinct ``ids`` are a run first, first+1, ..., first+n-1."""
-    return len(ids) > 0 and int(ids[-1]) - int(ids[0]) == len(ids) - 1
-
-
-class VocabularyIndex(nn.Module):
-    """Raw IDs -> dense index: the rank 0..n-1 in the sorted training vocabulary, n for any unseen ID.
-
-    The sorted vocabulary is stored (8 bytes per ID), except when it is a contiguous run of IDs: then the
-    rank is ``id - first`` and only ``first`` is stored (8 bytes); the mapping is the same.
-    """
-
-    def __init__(self, vocabulary: np.ndarray) -> None:
-        super().__init__()
-        self.num_ids = int(len(vocabulary))
-        self.contiguous = is_contiguous(vocabulary)
-        ids = torch.as_tensor(np.asarray(vocabulary, dtype=np.int64))
-        if self.contiguous:
-            self.first_id, self.last_id = int(ids[0]), int(ids[-1])
-            self.register_buffer("vocabulary_start", ids[:1].clone())
-        else:
-            self.register_buffer("vocabulary", ids.clone())
-
-    @staticmethod
-    def size_bytes(vocabulary: np.ndarray) -> int:
-        return ID_BYTES if is_contiguous(vocabulary) else len(vocabulary) * ID_BYTES
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.contiguous:
-            # Clamp before subtracting, so that IDs near ±2^63 cannot overflow.
-            clamped = ids.clamp(self.first_id, self.last_id)
-            known = clamped == ids
-            rank = clamped - self.vocabulary_start
-        elif self.num_ids == 0:
-            return torch.zeros_like(ids)
-        else:
-            position = torch.searchsorted(self.vocabulary, ids)
-            rank = position.clamp(max=self.num_ids - 1)
-            known = self.vocabulary[rank] == ids
-        return torch.where(known, rank, torch.full_like(rank, self.num_ids))
 
 
 def integer_root_ceil(value: int, degree: int) -> int:
@@ -109,12 +65,12 @@ class CompositionalLookup(nn.Module):
         super().__init__()
         self.index = VocabularyIndex(vocabulary)
         self.operation = operation
-        # Each partition's scale is chosen so that the combined embedding starts at TABLE_INIT_STD.
+        # Each partition's scale is chosen so that the combined embedding starts at DEFAULT_INIT_STD.
         count = len(sizes)
         init_std = {
-            "add": TABLE_INIT_STD / math.sqrt(count),
-            "mult": TABLE_INIT_STD ** (1.0 / count),
-            "concat": TABLE_INIT_STD,
+            "add": DEFAULT_INIT_STD / math.sqrt(count),
+            "mult": DEFAULT_INIT_STD ** (1.0 / count),
+            "concat": DEFAULT_INIT_STD,
         }[operation]
         self.tables = nn.ModuleList(
             EmbeddingTable(size, dim, seed=seed + position, init_std=init_std)

@@ -1,0 +1,125 @@
+"""Inference latency of embedding modules and models, measured with ``torch.utils.benchmark``.
+
+Each measurement is a ``Timer.blocked_autorange`` over batches of real IDs (the split's users and items, so
+caches and hash paths see realistic inputs), after a warm-up call; the result records the median, the
+inter-quartile range, the number of timed runs, the thread count and the device. On CUDA the timer
+synchronises the device itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import benchmark
+
+DEFAULT_BATCH_SIZES = (1, 128, 4096)
+#: seconds of timed runs per measurement (blocked_autorange runs at least this long)
+DEFAULT_MIN_RUN_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One timed operation at one batch size (milliseconds per call)."""
+
+    batch_size: int
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    threads: int
+    device: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batch(pool: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``batch_size`` IDs drawn cyclically from ``pool`` (repeats when the pool is smaller)."""
+    repeats = -(-batch_size // len(pool))
+    return pool.repeat(repeats)[:batch_size].to(device)
+
+
+def time_call(call: Callable[[], Any], batch_size: int, device: torch.device, min_run_seconds: float) -> Latency:
+    call()  # warm-up: lazy initialisation, allocator, caches
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_seconds)
+    return Latency(
+        batch_size=batch_size,
+        median_ms=measurement.median * 1e3,
+        iqr_ms=measurement.iqr * 1e3,
+        runs=len(measurement.times),
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )
+
+
+@torch.no_grad()
+def embedding_latency(
+    module: torch.nn.Module,
+    ids: torch.Tensor,
+    device: torch.device,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
+) -> list[Latency]:
+    """Latency of ``module(ids)`` in eval mode at each batch size, IDs drawn from ``ids``."""
+    was_training = module.training
+    module.eval()
+    try:
+        latencies = []
+        for size in batch_sizes:
+            batch = _batch(ids, size, device)
+            latencies.append(time_call(lambda batch=batch: module(batch), size, device, min_run_seconds))
+        return latencies
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def model_latency(
+    model: torch.nn.Module,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 4096,
+    min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
+) -> Latency:
+    """Latency of scoring ``batch_size`` (user, item) pairs with the whole model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        user_batch, item_batch = _batch(users, batch_size, device), _batch(items.roll(7), batch_size, device)
+        return time_call(lambda: model(user_batch, item_batch), batch_size, device, min_run_seconds)
+    finally:
+        model.train(was_training)
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size in bytes (Linux), None where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def measure_cell_latency(
+    model: torch.nn.Module,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    device: torch.device,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
+) -> dict[str, Any]:
+    """Embedding-only latency (user and item features) at each batch size, and full-model latency."""
+    result: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(device)}
+    for feature, module, pool in (("user", model.user_embedding, users), ("item", model.item_embedding, items)):
+        result[f"{feature}_embedding"] = [
+            latency.as_dict() for latency in embedding_latency(module, pool, device, batch_sizes, min_run_seconds)
+        ]
+    result["model"] = model_latency(model, users, items, device, max(batch_sizes), min_run_seconds).as_dict()
+    return result
