@@ -14,10 +14,10 @@ import types
 
 import torch
 import torch.utils.benchmark as benchmark
+from embbench_plugins.models.ncf import MLP
 
 from embbench import Budget, FeatureSpec, build_embedding
 from embbench.registry import create_scheme
-from plugins.models.ncf import MLP
 
 #: the commit before the speed work: its hashing and dhe are "before"
 BEFORE_COMMIT = "616fc32"
