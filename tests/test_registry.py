@@ -56,7 +56,9 @@ def test_builtins_come_from_the_embbench_distribution():
 
 
 def test_list_filters_with_wildcards_and_excludes():
-    assert registry.list_schemes("hash*") == ["hashing-trick"]
+    assert registry.list_schemes("hash*") == ["hash-embedding", "hashing-trick"]
+    assert registry.list_schemes("hash*", exclude="*embedding") == ["hashing-trick"]
+    assert registry.list_schemes(["full", "dhe"]) == ["dhe", "full"]  # sorted naturally, not in pattern order
     assert "dhe" not in registry.list_schemes("*", exclude="d*")
 
 

@@ -96,7 +96,8 @@ class DHEEncoder(nn.Module):
         super().__init__()
         self.encoding, self.id_scale, self.id_bits = encoding, id_scale, id_bits
         if encoding in HASHED_ENCODINGS:
-            self.hash = HashFamily(num_hashes, num_buckets, seed=seed)
+            # premix=False: the paper's Algorithm 1 as written (see embbench.hashing on pre-mixing).
+            self.hash = HashFamily(num_hashes, num_buckets, seed=seed, premix=False)
             self.dim = num_hashes
         elif encoding == "random-fourier":
             self.register_buffer("fourier_seed", torch.tensor(int(seed), dtype=torch.int64))
