@@ -112,7 +112,7 @@ def test_sparse_vocabulary_stores_its_dictionary_and_unseen_ids_share_one_tuple(
     ids = np.array([-(2**63), -7, 3, 2**62, 2**63 - 1], dtype=np.int64)
     feature = FeatureSpec("item", ids, np.ones(5, dtype=np.int64), 4)
     module, plan = build_embedding(create_scheme("binary-code"), "binary-code", feature, 1000, 0)
-    assert plan.notes["vocabulary_bytes"] == 5 * 8
+    assert plan.notes["vocabulary_bytes"] == 8 + 5 * 8  # spread over all of int64: the first ID and 5 IDs
     unseen = torch.tensor([-(2**63) + 1, 0, 4, 2**63 - 2])
     tuples = module.index_tuples(torch.cat([torch.as_tensor(ids), unseen]))
     assert torch.unique(tuples, dim=0).shape[0] == 6 and torch.equal(tuples[5], tuples[-1])

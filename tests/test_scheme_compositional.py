@@ -104,8 +104,9 @@ def test_sizes_by_hand_count_the_id_dictionary_of_a_sparse_vocabulary():
     feature = FeatureSpec("item", ids, np.ones(99, dtype=np.int64), 4)
     module, plan = build_embedding(create_scheme("compositional", num_partitions=2), "compositional", feature, 2000, 0)
     first, second = plan.params["partition_sizes"]
-    assert plan.size_bytes == 99 * 8 + (first + second) * 16 == state_size_bytes(module)
-    assert first * second >= 100 and plan.size_bytes > 0.98 * 2000
+    dictionary = 8 + -(-491 // 8)  # a bitmap over IDs 0..490 and the first ID: cheaper than 99 offsets
+    assert plan.size_bytes == dictionary + (first + second) * 16 == state_size_bytes(module)
+    assert (first, second) == (100, 1)  # the budget holds a remainder table of every index: a full table
 
 
 def test_unseen_ids_share_the_one_extra_index():
