@@ -3,6 +3,9 @@
 Everything that can be checked before training is checked before the database is touched: the schema,
 plugin names and hyper-parameters, the data files, and every scheme's plan at every budget. A cell that
 raises while running is stored as failed with its traceback and the sweep goes on.
+
+Cells that differ only in precision share one training run: the fp32 model is trained once, then each other
+precision quantises a copy of its tables and is evaluated again, as a row of its own.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,13 @@ from embbench.data import Split, prepare_split
 from embbench.environment import device_name, environment, git_commit, host
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
 from embbench.latency import measure_cell_latency, resident_bytes
-from embbench.models import RESERVED_ARGUMENTS
+from embbench.models import RESERVED_ARGUMENTS, RecModel
+from embbench.quantization import QuantizationUnavailable, quantize_tables, quantized_size_bytes
 from embbench.schemes import Budget, FeatureSpec, SchemePlan, build_embedding, full_table_bytes
 from embbench.store import DEFAULT_DB, ResultStore
-from embbench.suites import Cell, Entry, Suite, find_suite, parse_suite
+from embbench.suites import BASE_PRECISION, Cell, Entry, Suite, find_suite, parse_suite
 from embbench.tables import table_backend
-from embbench.training import TrainConfig, train_and_evaluate
+from embbench.training import RankingTask, TrainConfig, evaluate, train_and_evaluate
 
 FEATURES = ("user", "item")
 
@@ -111,7 +115,12 @@ def prepare(name_or_path: str, data_dir: str | Path | None = None, quick: bool =
             raise type(exc)(f"{entry.where}: {exc}") from None
         features[entry.label] = features_of(splits[entry.label], suite.settings["dim"])
     cells = suite.cells()
-    plans = {cell.key: plan_cell(cell, features[cell.dataset.label]) for cell in cells}
+    plans: dict[str, dict[str, SchemePlan]] = {}
+    for cell in cells:  # cells of one training run share the fp32 cell's plan
+        trained_key = cell.trained.key
+        if trained_key not in plans:
+            plans[trained_key] = plan_cell(cell, features[cell.dataset.label])
+        plans[cell.key] = plans[trained_key]
     return PreparedSuite(suite, cells, splits, plans, features)
 
 
@@ -136,14 +145,41 @@ def run_cell(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; returns the store record (status ok, failed or skipped)."""
-    started, started_at = time.perf_counter(), _now()
-    record: dict[str, Any] = {
+    return run_cells([cell], split, features, plans, on_epoch)[0]
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    split: Split,
+    features: dict[str, FeatureSpec],
+    plans: dict[str, SchemePlan],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train the cells' shared fp32 model once and evaluate it at each cell's precision; one store record per
+    cell, in order. ``cells`` must differ only in precision."""
+    trained_cell = cells[0].trained
+    if any(cell.trained != trained_cell for cell in cells):
+        raise ValueError("run_cells takes cells that differ only in precision")
+    record, model = _train_cell(trained_cell, split, features, plans, on_epoch)
+    task = RankingTask(split) if model is not None and any(c.precision != BASE_PRECISION for c in cells) else None
+    records = []
+    for cell in cells:
+        if cell.precision == BASE_PRECISION:
+            records.append(record)
+        else:
+            records.append(_quantized_record(cell, record, model, split, task))
+    return records
+
+
+def _base_record(cell: Cell, features: dict[str, FeatureSpec], plans: dict[str, SchemePlan]) -> dict[str, Any]:
+    return {
         "cell_key": cell.key,
         "suite": cell.suite,
         "dataset": cell.dataset.label,
         "model": cell.model.label,
         "scheme": cell.scheme.name,
-        "scheme_label": cell.scheme.label,
+        "scheme_label": cell.label,
+        "precision": cell.precision,
         "budget": cell.budget,
         "device": cell.device,
         "seed": cell.seed,
@@ -155,13 +191,26 @@ def run_cell(
         "git_commit": git_commit(),
         "host": host(),
         "threads": torch.get_num_threads(),
-        "started_at": started_at,
+        "started_at": _now(),
     }
+
+
+def _train_cell(
+    cell: Cell,
+    split: Split,
+    features: dict[str, FeatureSpec],
+    plans: dict[str, SchemePlan],
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> tuple[dict[str, Any], RecModel | None]:
+    """The fp32 cell's record, and its trained model (None unless the record is ok)."""
+    started = time.perf_counter()
+    record = _base_record(cell, features, plans)
     device, reason = resolve_device(cell.device)
     if device is None:
         record.update(status="skipped", error=reason, finished_at=_now(), wall_seconds=0.0)
-        return record
+        return record, None
     record.update(device_name=device_name(device), environment_json=environment(device))
+    model = None
     try:
         scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
         memory_before = _memory_in_use(device)
@@ -204,6 +253,76 @@ def run_cell(
                 model_latency_ms=latency["model"]["median_ms"],
             )
     except Exception:  # one failing cell must not stop the sweep; its traceback is kept
+        record.update(status="failed", error=traceback.format_exc())
+        model = None
+    record.update(wall_seconds=time.perf_counter() - started, finished_at=_now())
+    return record, model
+
+
+# Fields a quantised row takes from its training run: what was trained, and how; not how it scores.
+_SHARED_FIELDS = (
+    "suite", "dataset", "model", "scheme", "budget", "device", "seed", "plan_json", "size_bytes", "budget_bytes",
+    "full_bytes", "git_commit", "host", "threads", "device_name", "environment_json", "dense_bytes",
+    "table_backend", "train_seconds", "epochs_run", "best_epoch", "history_json", "train_examples_per_second",
+)
+
+
+def _quantized_record(
+    cell: Cell, trained: dict[str, Any], model: RecModel | None, split: Split, task: RankingTask | None
+) -> dict[str, Any]:
+    """The record of ``cell``: the trained model's tables quantised to ``cell.precision``, evaluated again."""
+    started = time.perf_counter()
+    record = {
+        **{name: trained[name] for name in _SHARED_FIELDS if name in trained},
+        "cell_key": cell.key,
+        "scheme_label": cell.label,
+        "precision": cell.precision,
+        "config_json": cell.config(),
+        "started_at": _now(),
+    }
+    if model is None:  # the training run was skipped or failed: so is this precision, for the same reason
+        where = "" if trained["status"] == "skipped" else f"training the {BASE_PRECISION} model failed:\n"
+        record.update(status=trained["status"], error=where + str(trained.get("error")), finished_at=_now(),
+                      wall_seconds=0.0)
+        return record
+    assert task is not None
+    device, _ = resolve_device(cell.device)
+    assert device is not None
+    try:
+        quantized = quantize_tables(model, cell.precision)  # a copy; the dense layers are not quantised
+        sizes = {name: quantized_size_bytes(getattr(quantized, f"{name}_embedding")) for name in FEATURES}
+        record["plan_json"] = {
+            name: {**plan, "size_bytes": sizes[name], "fp32_size_bytes": plan["size_bytes"]}
+            for name, plan in trained["plan_json"].items()
+        }
+        record["size_bytes"] = sum(sizes.values())
+        evaluated = time.perf_counter()
+        batch_users = TrainConfig(**cell.training).eval_batch_users
+        test = evaluate(quantized, task, "test", device, batch_users)
+        validation = evaluate(quantized, task, "validation", device, batch_users)
+        record.update(
+            status="ok",
+            test_auc=test.get("auc"),
+            test_hr10=test.get("hr@10"),
+            test_ndcg10=test.get("ndcg@10"),
+            val_auc=validation.get("auc"),
+            val_hr10=validation.get("hr@10"),
+            eval_seconds=time.perf_counter() - evaluated,
+        )
+        if cell.latency_batch_sizes:
+            latency = measure_cell_latency(
+                quantized, torch.as_tensor(split.users), torch.as_tensor(split.items), device,
+                cell.latency_batch_sizes,
+            )
+            record.update(
+                latency_json=latency,
+                embedding_latency_ms=latency["user_embedding"][-1]["median_ms"]
+                + latency["item_embedding"][-1]["median_ms"],
+                model_latency_ms=latency["model"]["median_ms"],
+            )
+    except QuantizationUnavailable as exc:  # a property of the scheme or the installation: not run again
+        record.update(status="skipped", error=str(exc), size_bytes=None)
+    except Exception:  # one failing precision must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
     record.update(wall_seconds=time.perf_counter() - started, finished_at=_now())
     return record
@@ -252,25 +371,31 @@ def run_suite(
     summary = RunSummary(prepared.suite.name, store.path, total=len(prepared.cells))
     pending = [cell for cell in prepared.cells if cell.key not in done]
     summary.already_done = summary.total - len(pending)
-    bar = tqdm(pending, desc=prepared.suite.name, unit="cell", disable=not progress, dynamic_ncols=True)
-    for cell in bar:
-        bar.set_postfix_str(cell.describe())
+    runs: dict[str, list[Cell]] = {}  # pending cells by the training run they share, in suite order
+    for cell in pending:
+        runs.setdefault(cell.trained.key, []).append(cell)
+    bar = tqdm(total=len(pending), desc=prepared.suite.name, unit="cell", disable=not progress, dynamic_ncols=True)
+    for cells in runs.values():
+        trained = cells[0].trained
+        bar.set_postfix_str(trained.describe())
 
-        def show(epoch: dict[str, float], cell: Cell = cell) -> None:
+        def show(epoch: dict[str, float], cell: Cell = trained) -> None:
             bar.set_postfix_str(f"{cell.describe()} epoch {epoch['epoch']} val_auc {epoch.get('val_auc', 0):.4f}")
 
-        record = run_cell(
-            cell,
-            prepared.splits[cell.dataset.label],
-            prepared.features[cell.dataset.label],
-            prepared.plans[cell.key],
+        records = run_cells(
+            cells,
+            prepared.splits[trained.dataset.label],
+            prepared.features[trained.dataset.label],
+            prepared.plans[trained.key],
             on_epoch=show,
         )
-        store.write(record)
-        status = record["status"]
-        setattr(summary, status, getattr(summary, status) + 1)
-        if status == "failed":
-            last_line = record["error"].strip().splitlines()[-1]
-            summary.failures.append(f"{cell.describe()}: {last_line}")
+        for cell, record in zip(cells, records, strict=True):
+            store.write(record)
+            status = record["status"]
+            setattr(summary, status, getattr(summary, status) + 1)
+            if status == "failed":
+                last_line = record["error"].strip().splitlines()[-1]
+                summary.failures.append(f"{cell.describe()}: {last_line}")
+            bar.update(1)
     bar.close()
     return summary

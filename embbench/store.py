@@ -2,7 +2,9 @@
 
 A cell's row is written in a single transaction when the cell ends (ok, failed or skipped), so a run killed
 at any moment leaves no half-written cell and loses no finished one. Re-running a suite skips cells whose
-key is stored as ok or skipped; failed cells are run again and their row replaced.
+key is stored as ok or skipped; failed cells are run again and their row replaced. Rows of quantised tables
+(``precision`` other than fp32) are cells of their own; in a database written before precisions existed,
+``precision`` is NULL, meaning fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ COLUMNS: dict[str, str] = {
     "model": "TEXT NOT NULL",
     "scheme": "TEXT NOT NULL",
     "scheme_label": "TEXT NOT NULL",
+    "precision": "TEXT",
     "budget": "TEXT NOT NULL",
     "device": "TEXT NOT NULL",
     "seed": "INTEGER NOT NULL",

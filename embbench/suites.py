@@ -6,6 +6,7 @@ suggest the closest known key; every error names the file and the field. See doc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -17,9 +18,11 @@ from typing import Any
 import tomllib
 
 from embbench.errors import ConfigError, closest
+from embbench.quantization import PRECISIONS
 from embbench.schemes import Budget
 
 DEVICES = ("cpu", "cuda", "auto")
+BASE_PRECISION = "fp32"
 
 # key -> (expected python types, description); the schema of the top level of a suite file
 TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
@@ -37,6 +40,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "patience": ((int,), "epochs without validation improvement before stopping"),
     "early_stopping": ((str,), "validation metric for early stopping: auc or hr@10"),
     "latency_batch_sizes": ((list,), "batch sizes of the inference latency measurement; [] skips it"),
+    "precisions": ((list,), "table precisions evaluated after training: fp32, fp16, int8, int4"),
     "datasets": ((list,), "[[datasets]] entries"),
     "models": ((list,), "[[models]] entries"),
     "schemes": ((list,), "[[schemes]] entries"),
@@ -59,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "patience": 2,
     "early_stopping": "auc",
     "latency_batch_sizes": [1, 128, 4096],
+    "precisions": [BASE_PRECISION],
 }
 TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "num_negatives", "patience", "early_stopping")
 
@@ -76,7 +81,12 @@ class Entry:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a dataset, model, scheme at one budget, on one device, with one seed."""
+    """One unit of work: a dataset, model, scheme at one budget, on one device, with one seed, its tables
+    evaluated at one precision.
+
+    Cells that differ only in precision share one training run: the fp32 model is trained, then its tables are
+    quantised for each other precision (see :mod:`embbench.quantization`).
+    """
 
     suite: str
     dataset: Entry
@@ -89,9 +99,10 @@ class Cell:
     training: dict[str, Any]
     # What is measured after training; not part of the key, since it does not change what is trained.
     latency_batch_sizes: tuple[int, ...] = (1, 128, 4096)
+    precision: str = BASE_PRECISION
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "suite": self.suite,
             "dataset": {"name": self.dataset.name, "params": self.dataset.params},
             "model": {"name": self.model.name, "params": self.model.params},
@@ -102,6 +113,21 @@ class Cell:
             "dim": self.dim,
             "training": self.training,
         }
+        if self.precision != BASE_PRECISION:  # fp32 cells keep the keys they had before precisions existed
+            config["precision"] = self.precision
+        return config
+
+    @property
+    def trained(self) -> Cell:
+        """The fp32 cell whose trained model this cell evaluates (itself for an fp32 cell)."""
+        return dataclasses.replace(self, precision=BASE_PRECISION)
+
+    @property
+    def label(self) -> str:
+        """The scheme label, with the precision when it is not fp32 (as the report shows it)."""
+        if self.precision == BASE_PRECISION:
+            return self.scheme.label
+        return f"{self.scheme.label} ({self.precision})"
 
     @property
     def key(self) -> str:
@@ -109,9 +135,7 @@ class Cell:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     def describe(self) -> str:
-        return (
-            f"{self.dataset.label}/{self.model.label}/{self.scheme.label}@{self.budget}/{self.device}/seed{self.seed}"
-        )
+        return f"{self.dataset.label}/{self.model.label}/{self.label}@{self.budget}/{self.device}/seed{self.seed}"
 
 
 @dataclass
@@ -132,10 +156,13 @@ class Suite:
         cells = []
         for dataset, model, scheme in itertools.product(self.datasets, self.models, self.schemes):
             budgets = scheme.budgets or tuple(s["budgets"])
-            for budget, device, seed in itertools.product(budgets, s["devices"], s["seeds"]):
+            # precision varies fastest, so the cells sharing one training run are adjacent
+            for budget, device, seed, precision in itertools.product(
+                budgets, s["devices"], s["seeds"], s["precisions"]
+            ):
                 cells.append(Cell(
                     self.name, dataset, model, scheme, budget, device, seed, s["dim"], training,
-                    tuple(s["latency_batch_sizes"]),
+                    tuple(s["latency_batch_sizes"]), precision,
                 ))
         return cells
 
@@ -245,7 +272,7 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
         raise ConfigError(f"{where}: 'learning_rate' must be > 0, got {settings['learning_rate']}")
     if settings["early_stopping"] not in ("auc", "hr@10"):
         raise ConfigError(f"{where}: 'early_stopping' must be 'auc' or 'hr@10', got '{settings['early_stopping']}'")
-    for key in ("seeds", "devices", "budgets"):  # latency_batch_sizes may be empty: no latency
+    for key in ("seeds", "devices", "budgets", "precisions"):  # latency_batch_sizes may be empty: no latency
         if not settings[key]:
             raise ConfigError(f"{where}: '{key}' must not be empty")
     for seed in settings["seeds"]:
@@ -259,6 +286,14 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
             raise ConfigError(
                 f"{where}: unknown device '{device}'{closest(str(device), DEVICES)}; use {', '.join(DEVICES)}"
             )
+    for precision in settings["precisions"]:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"{where}: unknown precision {precision!r}{closest(str(precision), PRECISIONS)}; "
+                f"use {', '.join(PRECISIONS)}"
+            )
+    if len(set(settings["precisions"])) != len(settings["precisions"]):
+        raise ConfigError(f"{where}: 'precisions' lists a precision twice: {settings['precisions']}")
     settings["budgets"] = [_budget(b, f"{where}: budgets") for b in settings["budgets"]]
     settings["learning_rate"] = float(settings["learning_rate"])
     return Suite(
