@@ -1,5 +1,6 @@
-"""The Markdown report: per dataset × model × device, a table of every scheme and budget (mean and confidence
-interval over seeds) and Pareto plots of test quality against embedding size; then the cells that did not run.
+"""The report, in Markdown and as one self-contained HTML page: per dataset × model × device, a table of every
+scheme and budget (mean and confidence interval over seeds) and Pareto plots of test quality against embedding
+size and latency; then the cells that did not run, the machines and versions, and the suite configuration.
 
 It reads only a results DataFrame (as the store returns it). Figures are drawn on a pyplot-free Agg canvas, so
 making a report neither needs a display nor changes the backend of the caller's own plots.
@@ -7,10 +8,15 @@ making a report neither needs a display nor changes the backend of the caller's 
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from embbench.pareto import front_with_uncertainty, pareto_front, t_quantile
 
@@ -165,6 +172,7 @@ def pareto_figure(
         handles.append(Line2D([], [], color="grey", linestyle="--", label=f"best full ({reference:.4f})"))
 
     axes.set_xscale("log")
+    _readable_log_ticks(axes, size, in_bytes=x == "size_bytes")
     axes.set_xlabel(X_AXES[x])
     axes.set_ylabel(METRIC_LABELS[metric])
     axes.set_title(f"{dataset} · {model} · {device}")
@@ -172,6 +180,36 @@ def pareto_figure(
                 borderaxespad=0.0, frameon=False)
     figure.tight_layout()
     return figure
+
+
+def _readable_log_ticks(axes: Any, values: np.ndarray, in_bytes: bool) -> None:
+    """Plain tick labels (``64 KiB``, ``1.5``) on a log axis, as many as its span allows (at most about 8).
+
+    Matplotlib labels only powers of ten by default, which leaves a narrow axis (latencies within a factor of
+    two) with ``1.5×10^0``-style labels, and byte counts unreadable. Bytes get powers of two, other values
+    1-2-5 steps; an axis spanning less than one step gets five ticks rounded to two significant digits.
+    """
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if not low > 0:
+        return
+    if in_bytes:
+        powers = range(math.floor(math.log2(low)), math.ceil(math.log2(high)) + 1)
+        stride = max(1, math.ceil(len(powers) / 8))
+        ticks = [2.0 ** power for power in powers if power % stride == 0]
+    else:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        steps = (1.0, 2.0, 5.0) if len(decades) <= 4 else (1.0,)
+        ticks = [step * 10.0 ** power for power in decades for step in steps]
+    if sum(low <= tick <= high for tick in ticks) < 2:
+        unit = 1024.0 ** math.floor(math.log(high, 1024)) if in_bytes else 1.0
+        spread = np.geomspace(low, high, 5) if high > low else np.array([low])
+        ticks = sorted({float(f"{tick / unit:.2g}") * unit for tick in spread})
+    label = (lambda value: format_bytes(value).replace(".0 ", " ")) if in_bytes else (lambda value: f"{value:.3g}")
+    axes.xaxis.set_major_locator(FixedLocator(ticks))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: label(value)))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    margin = (high / low) ** 0.05 if high > low else 1.2
+    axes.set_xlim(low / margin, high * margin)
 
 
 def plot_pareto(
@@ -195,12 +233,87 @@ def plot_pareto(
 
 
 def write_report(
-    frame: pd.DataFrame, out_dir: Path, title: str = "embbench report", context: dict[str, Any] | None = None
+    frame: pd.DataFrame,
+    out_dir: Path,
+    title: str = "embbench report",
+    context: dict[str, Any] | None = None,
+    suite_sources: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``out_dir/report.md`` with figures under ``out_dir/figures/``; returns the report's path."""
+    """Write ``out_dir/report.md`` and the self-contained ``out_dir/report.html`` with figures under
+    ``out_dir/figures/``; returns the Markdown report's path.
+
+    ``suite_sources`` maps a suite name to the text of its suite file, shown verbatim next to the configuration
+    its stored cells actually ran with (``shipped_suite_sources`` reads the shipped ones).
+    """
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    blocks = report_blocks(frame, figures_dir, title, context, suite_sources)
+    path = out_dir / "report.md"
+    path.write_text(render_markdown(blocks), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(blocks, out_dir, title), encoding="utf-8")
+    return path
+
+
+def write_html_report(
+    frame: pd.DataFrame,
+    out_dir: Path,
+    title: str = "embbench report",
+    context: dict[str, Any] | None = None,
+    suite_sources: Mapping[str, str] | None = None,
+) -> Path:
+    """``write_report``, returning the path of the self-contained HTML file instead of the Markdown one."""
+    return write_report(frame, out_dir, title, context, suite_sources).with_name("report.html")
+
+
+# The report is built once as a list of blocks and rendered twice, so Markdown and HTML never drift apart.
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class KeyValues:
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    align: str
+
+
+@dataclass(frozen=True)
+class FigureLink:
+    alt: str
+    path: str  # relative to the report's folder
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+    language: str = ""
+
+
+Block = Heading | Paragraph | KeyValues | Table | FigureLink | Code
+
+
+def report_blocks(
+    frame: pd.DataFrame,
+    figures_dir: Path,
+    title: str = "embbench report",
+    context: dict[str, Any] | None = None,
+    suite_sources: Mapping[str, str] | None = None,
+) -> list[Block]:
+    """The report's content (drawing its figures into ``figures_dir``), for ``render_markdown``/``render_html``."""
+    figures_dir = Path(figures_dir)
     summary = summarize_results(frame)
     status = _text(frame, "status") if len(frame) else pd.Series(dtype=object)
     counts = {name: int((status == name).sum()) for name in ("ok", "failed", "skipped")}
@@ -210,25 +323,24 @@ def write_report(
     details["cells"] = (
         f"{len(frame)} ({counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped)"
     )
-    lines = [f"# {title}", ""]
-    lines += [f"- **{_escape(key)}**: {_escape(_context_value(value))}" for key, value in details.items()]
-    lines.append("")
+    blocks: list[Block] = [Heading(1, title)]
+    blocks.append(KeyValues(tuple((str(key), _context_value(value)) for key, value in details.items())))
 
     if summary.empty:
-        lines += ["No successful cells: there is nothing to summarise or plot.", ""]
+        blocks.append(Paragraph("No successful cells: there is nothing to summarise or plot."))
     else:
-        lines += [
+        blocks.append(Paragraph(
             f"Values are means over seeds ± the half-width of a {CONFIDENCE:.0%} Student-t confidence "
             f"interval. {FRONT_MARK} marks a point on the Pareto front of mean quality against size (smaller "
             f"and better wins); {OVERLAP_MARK} a point off the front whose interval reaches the front's best "
-            "score at its size.",
-            "",
-        ]
+            "score at its size. Latency is the embedding look-up of a user and an item batch at the largest "
+            "measured batch size (median ms). See docs/reporting.md."
+        ))
         labels = sorted(summary["scheme_label"].unique())
         several_suites = summary["suite"].nunique() > 1
         for (suite, dataset, model, device), panel in summary.groupby(PANEL_KEYS, sort=True, dropna=False):
             heading = f"{dataset} · {model} · {device}"
-            lines += [f"## {f'{suite} · ' if several_suites else ''}{heading}", "", _panel_table(panel), ""]
+            blocks += [Heading(2, f"{f'{suite} · ' if several_suites else ''}{heading}"), _panel_table(panel)]
             for x, x_label in (("size_bytes", "size"), ("embedding_latency_ms", "latency")):
                 for metric, metric_label in METRIC_LABELS.items():
                     if (panel[f"{metric}_mean"].notna() & panel[x].notna()).any():
@@ -236,14 +348,247 @@ def write_report(
                         name = _slug(f"{suite}__{dataset}__{model}__{device}__{metric}{suffix}") + ".png"
                         plot_pareto(summary, dataset, model, device, metric, figures_dir / name, suite=suite,
                                     labels=labels, x=x)
-                        lines += [f"![{metric_label} vs {x_label}: {_escape(heading)}](figures/{name})", ""]
+                        blocks.append(FigureLink(f"{metric_label} vs {x_label}: {heading}",
+                                                 f"{figures_dir.name}/{name}"))
 
     not_ok = frame[status != "ok"] if len(frame) else frame
     if len(not_ok):
-        lines += ["## Failed and skipped cells", "", _failure_table(not_ok), ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+        blocks += [Heading(2, "Failed and skipped cells"), _failure_table(not_ok)]
+    blocks += _environment_blocks(frame)
+    blocks += _configuration_blocks(frame, suite_sources or {})
+    return blocks
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    """GitHub-flavoured Markdown; figures are links to the PNG files."""
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines.append(f"{'#' * block.level} {_escape(block.text)}")
+        elif isinstance(block, Paragraph):
+            lines.append(block.text)
+        elif isinstance(block, KeyValues):
+            lines += [f"- **{_escape(key)}**: {_escape(value)}" for key, value in block.items]
+        elif isinstance(block, Table):
+            lines.append(markdown_table(block.header, block.rows, block.align))
+        elif isinstance(block, FigureLink):
+            lines.append(f"![{_escape(block.alt)}]({block.path})")
+        elif isinstance(block, Code):
+            longest_run = max((len(run) for run in re.findall(r"`+", block.text)), default=0)
+            fence = "`" * max(3, longest_run + 1)
+            lines += [f"{fence}{block.language}", block.text.rstrip("\n"), fence]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_html(blocks: Sequence[Block], out_dir: Path, title: str = "embbench report") -> str:
+    """One self-contained HTML page: figures embedded as base64 PNG, inline CSS, nothing fetched."""
+    out_dir = Path(out_dir)
+    body: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            level = min(block.level, 6)
+            anchor = _slug(block.text.lower())
+            body.append(f'<h{level} id="{anchor}">{html.escape(block.text)}</h{level}>')
+        elif isinstance(block, Paragraph):
+            body.append(f"<p>{html.escape(block.text)}</p>")
+        elif isinstance(block, KeyValues):
+            items = "".join(
+                f"<li><strong>{html.escape(key)}</strong>: {html.escape(value)}</li>" for key, value in block.items
+            )
+            body.append(f'<ul class="context">{items}</ul>')
+        elif isinstance(block, Table):
+            body.append(_html_table(block))
+        elif isinstance(block, FigureLink):
+            encoded = base64.b64encode((out_dir / block.path).read_bytes()).decode("ascii")
+            body.append(
+                f'<figure><img alt="{html.escape(block.alt)}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{html.escape(block.alt)}</figcaption></figure>"
+            )
+        elif isinstance(block, Code):
+            body.append(f'<pre><code class="{html.escape(block.language)}">{html.escape(block.text)}</code></pre>')
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+HTML_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 78em;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; vertical-align: top; }
+th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
+td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; } td.c, th.c { text-align: center; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { font-size: .85em; color: #555; }
+pre { background: #f6f8fa; padding: .8em; overflow-x: auto; font-size: .85em; }
+ul.context { padding-left: 1.2em; }
+"""
+
+
+def _html_table(table: Table) -> str:
+    classes = {"l": "", "r": ' class="r"', "c": ' class="c"'}
+    head = "".join(f"<th{classes[a]}>{html.escape(cell)}</th>" for cell, a in zip(table.header, table.align,
+                                                                                   strict=True))
+    rows = "".join(
+        "<tr>" + "".join(f"<td{classes[a]}>{html.escape(cell)}</td>" for cell, a in zip(row, table.align,
+                                                                                       strict=True)) + "</tr>"
+        for row in table.rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def shipped_suite_sources(suite_names: Iterable[str]) -> dict[str, str]:
+    """The text of each shipped suite file among ``suite_names`` (suites given by path are not known here).
+
+    The file may have changed since its cells ran; the report shows it next to the configuration the stored
+    cells actually ran with.
+    """
+    from embbench.suites import builtin_suites
+
+    shipped = builtin_suites()
+    return {name: shipped[name].read_text(encoding="utf-8") for name in sorted(set(suite_names)) if name in shipped}
+
+
+def suite_configurations(frame: pd.DataFrame) -> dict[str, str]:
+    """Per suite, its stored cells' resolved configuration written back as a suite file (TOML).
+
+    Each [[schemes]] entry lists the budgets that ran; a setting that differs between stored cells (a suite
+    edited between runs) lists every value with a comment.
+    """
+    if not len(frame) or "config_json" not in frame:
+        return {}
+    configurations = {}
+    for suite, cells in frame.groupby(_text(frame, "suite"), sort=True):
+        rows = []
+        for row in cells.itertuples(index=False):
+            config = row.config_json
+            if isinstance(config, str):
+                config = json.loads(config)
+            if isinstance(config, dict):
+                rows.append((row, config))
+        if rows:
+            configurations[str(suite)] = _configuration_toml(str(suite), rows)
+    return configurations
+
+
+def _configuration_toml(suite: str, rows: list[tuple[Any, dict[str, Any]]]) -> str:
+    def distinct(values: Iterable[Any]) -> list[Any]:
+        seen: dict[str, Any] = {}
+        for value in values:
+            seen.setdefault(json.dumps(value, sort_keys=True, default=str), value)
+        return list(seen.values())
+
+    lines = [f"name = {_toml_value(suite)}"]
+    lines.append(f"seeds = {_toml_value(sorted(distinct(config.get('seed') for _, config in rows), key=str))}")
+    lines.append(f"devices = {_toml_value(sorted(distinct(config.get('device') for _, config in rows), key=str))}")
+    for key in ("dim",):
+        lines.append(_setting_line(key, distinct(config.get(key) for _, config in rows)))
+    training_keys = distinct(key for _, config in rows for key in (config.get("training") or {}))
+    for key in training_keys:
+        lines.append(_setting_line(key, distinct((config.get("training") or {}).get(key) for _, config in rows)))
+    for section, label_column in (("datasets", "dataset"), ("models", "model"), ("schemes", "scheme_label")):
+        config_key = section[:-1]
+        entries: dict[str, dict[str, Any]] = {}
+        for row, config in rows:
+            part = config.get(config_key) or {}
+            label = str(getattr(row, label_column, None) or part.get("name"))
+            identity = json.dumps([label, part.get("name"), part.get("params")], sort_keys=True, default=str)
+            entry = entries.setdefault(identity, {"label": label, "name": part.get("name"),
+                                                  "params": part.get("params") or {}, "budgets": []})
+            if section == "schemes" and config.get("budget") not in entry["budgets"]:
+                entry["budgets"].append(config.get("budget"))
+        for entry in entries.values():
+            lines += ["", f"[[{section}]]", f"name = {_toml_value(entry['name'])}"]
+            if entry["label"] != entry["name"]:
+                lines.append(f"label = {_toml_value(entry['label'])}")
+            if entry["params"]:
+                lines.append(f"params = {_toml_value(entry['params'])}")
+            if section == "schemes":
+                lines.append(f"budgets = {_toml_value(sorted(entry['budgets'], key=_budget_order))}")
+    return "\n".join(lines) + "\n"
+
+
+def _setting_line(key: str, values: list[Any]) -> str:
+    values = [value for value in values if value is not None]
+    if len(values) == 1:
+        return f"{_toml_key(key)} = {_toml_value(values[0])}"
+    return f"# {key}: several values among the stored cells: {', '.join(_toml_value(v) for v in values)}"
+
+
+def _budget_order(budget: Any) -> tuple[int, float, str]:
+    """Largest fraction first, then byte budgets by text."""
+    try:
+        return (0, -float(Fraction(str(budget))), str(budget))
+    except (ValueError, ZeroDivisionError):
+        return (1, 0.0, str(budget))
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }" \
+            if value else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps("" if value is None else str(value), ensure_ascii=False)
+
+
+def _environment_blocks(frame: pd.DataFrame) -> list[Block]:
+    """Where and with what the stored cells ran: commit, host, device, threads, table backend, versions."""
+    if not len(frame):
+        return []
+    columns = ["git_commit", "host", "device", "device_name", "threads", "table_backend"]
+    shown = pd.DataFrame({name: _text(frame, name).fillna("–") for name in columns})
+    machines = shown.groupby(columns, sort=True).size().reset_index(name="cells")
+    blocks: list[Block] = [
+        Heading(2, "Environment of the stored cells"),
+        Table(("git commit", "host", "device", "device name", "threads", "table backend", "cells"),
+              tuple(tuple(str(value) for value in row) for row in machines.to_numpy().tolist()), "llllrlr"),
+    ]
+    versions: dict[str, int] = {}
+    for environment in _text(frame, "environment_json").dropna():
+        try:
+            recorded = json.loads(environment).get("versions") or {}
+        except (ValueError, AttributeError):
+            continue
+        text = _context_value(recorded)
+        versions[text] = versions.get(text, 0) + 1
+    if versions:
+        blocks.append(Table(("library versions", "cells"),
+                            tuple((text, str(count)) for text, count in sorted(versions.items())), "lr"))
+    return blocks
+
+
+def _configuration_blocks(frame: pd.DataFrame, suite_sources: Mapping[str, str]) -> list[Block]:
+    configurations = suite_configurations(frame)
+    names = sorted(set(configurations) | (set(suite_sources) & set(_text(frame, "suite").dropna())))
+    if not names:
+        return []
+    blocks: list[Block] = [
+        Heading(2, "Suite configuration"),
+        Paragraph("What the stored cells ran with, written back as a suite file (the budgets that ran, every "
+                  "resolved setting); then the suite file as it is now, where it is known."),
+    ]
+    for name in names:
+        blocks.append(Heading(3, name))
+        if name in configurations:
+            blocks += [Paragraph("Resolved configuration of the stored cells:"),
+                       Code(configurations[name], "toml")]
+        if name in suite_sources:
+            blocks += [Paragraph("Suite file:"), Code(suite_sources[name], "toml")]
+    return blocks
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
@@ -268,7 +613,7 @@ def format_bytes(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _panel_table(panel: pd.DataFrame) -> str:
+def _panel_table(panel: pd.DataFrame) -> Table:
     rows = []
     for row in panel.itertuples(index=False):
         size = format_bytes(row.size_bytes)
@@ -280,8 +625,8 @@ def _panel_table(panel: pd.DataFrame) -> str:
             str(row.seeds), _number_text(row.train_seconds, ".1f"),
             _number_text(row.train_examples_per_second, ",.0f"), _number_text(row.embedding_latency_ms, ".3g"),
         ])
-    header = ["scheme", "budget", "size", "test AUC", "test HR@10", "seeds", "train s", "train ex/s", "latency ms"]
-    return markdown_table(header, rows, align="lllrrrrrr")
+    header = ("scheme", "budget", "size", "test AUC", "test HR@10", "seeds", "train s", "train ex/s", "latency ms")
+    return Table(header, tuple(tuple(row) for row in rows), "lllrrrrrr")
 
 
 def _number_text(value: float, spec: str) -> str:
@@ -300,13 +645,13 @@ def _metric_cell(row: Any, metric: str) -> str:
     return text
 
 
-def _failure_table(cells: pd.DataFrame) -> str:
+def _failure_table(cells: pd.DataFrame) -> Table:
     columns = ["suite", "dataset", "model", "device", "scheme_label", "budget", "seed", "status"]
     shown = pd.DataFrame({name: _text(cells, name).fillna("–") for name in columns})
     shown["reason"] = _text(cells, "error").map(_last_line)
     shown = shown.sort_values(columns[:-1], ignore_index=True)
-    header = ["suite", "dataset", "model", "device", "scheme", "budget", "seed", "status", "reason"]
-    return markdown_table(header, shown.to_numpy().tolist())
+    header = ("suite", "dataset", "model", "device", "scheme", "budget", "seed", "status", "reason")
+    return Table(header, tuple(tuple(str(cell) for cell in row) for row in shown.to_numpy().tolist()), "l" * 9)
 
 
 def _last_line(error: Any, limit: int = 200) -> str:

@@ -1,17 +1,31 @@
-"""The Markdown report: summary statistics, front flags, figures and the list of cells that did not run."""
+"""The report: summary statistics, front flags, figures, the cells that did not run, provenance, configuration;
+Markdown and self-contained HTML."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 from matplotlib.figure import Figure
 
 from embbench.pareto import mean_ci
-from embbench.report import pareto_figure, plot_pareto, scheme_styles, summarize_results, write_report
+from embbench.report import (
+    pareto_figure,
+    plot_pareto,
+    scheme_styles,
+    shipped_suite_sources,
+    suite_configurations,
+    summarize_results,
+    write_html_report,
+    write_report,
+)
+from embbench.suites import Suite, parse_suite
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FULL_BYTES = 1_000_000
@@ -177,3 +191,135 @@ def test_palette_is_consistent_across_subsets() -> None:
     styles = scheme_styles(["zeta", "alpha", "mid"])
     assert len({colour for colour, _ in styles.values()}) == 3
     assert scheme_styles(["mid", "zeta", "alpha", "zeta"]) == styles
+
+
+def with_provenance(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns the store fills in for where and with what a cell ran."""
+    environment = json.dumps({"versions": {"torch": "2.13.0", "numpy": "2.1.0"}})
+    return frame.assign(git_commit="abc123", host="bench-host", device_name="Test CPU 9000", threads=2,
+                        table_backend="torch", environment_json=environment)
+
+
+def test_html_report_is_self_contained_and_matches_markdown(results: pd.DataFrame, tmp_path: Path) -> None:
+    markdown = write_report(results, tmp_path, context={"git commit": "abc123"}).read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    assert "http://" not in page and "https://" not in page
+    links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", markdown)
+    assert links
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == len(links)
+    for link in links:
+        assert base64.b64encode((tmp_path / link).read_bytes()).decode("ascii") in embedded
+    # The tables: one per panel plus the failures and the environment, with their cells.
+    assert page.count("<table>") == markdown.count("\n| :--") + markdown.count("\n| --:")
+    assert "<td>dhe(k=64)</td>" in page and "<td>hashing-trick</td>" in page
+    assert "RuntimeError: out of memory | tried 2 GiB" in page
+    assert "<h2" in page and "Failed and skipped cells" in page
+
+
+def test_html_escapes_text(tmp_path: Path) -> None:
+    rows = [cell("<script>x</script>", "1/4", 100, 0, 0.7, 0.3)]
+    write_report(pd.DataFrame(rows), tmp_path, title="a & b")
+    page = (tmp_path / "report.html").read_text()
+    assert "<script>" not in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<title>a &amp; b</title>" in page
+
+
+def test_write_html_report_returns_the_page(results: pd.DataFrame, tmp_path: Path) -> None:
+    path = write_html_report(results, tmp_path)
+    assert path == tmp_path / "report.html" and (tmp_path / "report.md").exists()
+
+
+def test_report_shows_commit_machine_and_versions(results: pd.DataFrame, tmp_path: Path) -> None:
+    markdown = write_report(with_provenance(results), tmp_path).read_text()
+    page = (tmp_path / "report.html").read_text()
+    environment = markdown.split("## Environment of the stored cells", 1)[1]
+    for text in ("abc123", "bench-host", "Test CPU 9000", "| 2 |", "torch", "torch=2.13.0, numpy=2.1.0"):
+        assert text in environment
+    assert "<td>Test CPU 9000</td>" in page and "torch=2.13.0, numpy=2.1.0" in page
+
+
+def frame_of_suite(suite: Suite) -> pd.DataFrame:
+    """A results frame as the store would hold it after running ``suite`` (made-up metrics)."""
+    rows = []
+    for index, suite_cell in enumerate(suite.cells()):
+        rows.append({
+            **cell(suite_cell.scheme.label, suite_cell.budget, 1000 + index, suite_cell.seed, 0.8, 0.4),
+            "suite": suite.name, "dataset": suite_cell.dataset.label, "model": suite_cell.model.label,
+            "scheme": suite_cell.scheme.name, "device": suite_cell.device,
+            "config_json": json.dumps(suite_cell.config()),
+        })
+    return pd.DataFrame(rows)
+
+
+SUITE_TEXT = """
+name = "tiny"
+epochs = 2
+seeds = [0, 1]
+budgets = ["1/2", "1/4"]
+dim = 16
+early_stopping = "hr@10"
+[[datasets]]
+name = "synthetic"
+params = { num_users = 50, num_items = 40 }
+[[models]]
+name = "gmf"
+[[schemes]]
+name = "full"
+budgets = ["1"]
+[[schemes]]
+name = "dhe"
+label = "dhe-k8"
+params = { num_hashes = 8, batch_norm = false, architecture = "pyramid" }
+[[schemes]]
+name = "hashing-trick"
+budgets = ["64KB", "1/8"]
+[quick]
+epochs = 1
+"""
+
+
+def test_resolved_configuration_reproduces_the_suites_cells(tmp_path: Path) -> None:
+    original = tmp_path / "tiny.toml"
+    original.write_text(SUITE_TEXT)
+    suite = parse_suite(original)
+    configuration = suite_configurations(frame_of_suite(suite))["tiny"]
+    tomllib.loads(configuration)  # valid TOML
+    rebuilt = tmp_path / "rebuilt.toml"
+    rebuilt.write_text(configuration)
+    # Written back as a suite file, it expands into exactly the cells that ran (same keys, so same results).
+    assert sorted(c.key for c in parse_suite(rebuilt).cells()) == sorted(c.key for c in suite.cells())
+
+
+def test_report_includes_configuration_and_suite_file(tmp_path: Path) -> None:
+    original = tmp_path / "tiny.toml"
+    original.write_text(SUITE_TEXT)
+    frame = frame_of_suite(parse_suite(original))
+    markdown = write_report(frame, tmp_path / "out", suite_sources={"tiny": SUITE_TEXT, "other": "x = 1"}).read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    configuration = markdown.split("## Suite configuration", 1)[1]
+    assert 'label = "dhe-k8"' in configuration
+    assert 'params = { num_hashes = 8, batch_norm = false, architecture = "pyramid" }' in configuration
+    assert 'budgets = ["1/2", "1/4"]' in configuration
+    assert 'budgets = ["1/8", "64000b"]' in configuration  # largest fraction first, bytes last
+    assert '[quick]\nepochs = 1' in configuration  # the suite file itself, verbatim
+    assert "x = 1" not in markdown  # a suite without stored cells is left out
+    assert "label = &quot;dhe-k8&quot;" in page and "[quick]" in page
+
+
+def test_configuration_notes_settings_that_changed_between_runs(tmp_path: Path) -> None:
+    original = tmp_path / "tiny.toml"
+    original.write_text(SUITE_TEXT)
+    first = frame_of_suite(parse_suite(original))
+    original.write_text(SUITE_TEXT.replace("epochs = 2", "epochs = 5"))
+    second = frame_of_suite(parse_suite(original))
+    configuration = suite_configurations(pd.concat([first, second], ignore_index=True))["tiny"]
+    assert "# epochs: several values among the stored cells: 2, 5" in configuration
+
+
+def test_shipped_suite_sources_reads_shipped_files_only() -> None:
+    sources = shipped_suite_sources(["smoke", "not-a-shipped-suite"])
+    assert set(sources) == {"smoke"}
+    assert 'name = "smoke"' in sources["smoke"]
