@@ -3,6 +3,8 @@ state and about 2x/4x/8x smaller, and the runner's extra row per precision shari
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -188,3 +190,21 @@ def test_runner_writes_a_row_per_precision_from_one_training_run_and_resumes(tmp
     assert dhe_int8["status"] == "skipped" and dhe_int8["error"] == "no embedding tables to quantise"
     again = run_suite(str(path), db=db, progress=False)
     assert (again.already_done, again.ok, again.skipped) == (4, 0, 0)
+
+
+@needs_torchrec
+def test_adding_a_precision_later_runs_only_its_rows_from_an_identical_retraining(tmp_path):
+    scheme = '[[schemes]]\nname = "hashing-trick"\n'
+    db = tmp_path / "r.sqlite"
+    run_suite(str(suite(tmp_path, scheme)), db=db, progress=False)
+    stamp = ResultStore(db).frame()["finished_at"].tolist()
+    summary = run_suite(str(suite(tmp_path, 'precisions = ["fp32", "fp16"]\n' + scheme)), db=db, progress=False)
+    assert (summary.already_done, summary.ok) == (1, 1)
+    frame = ResultStore(db).frame().set_index("scheme_label")
+    assert frame.loc[["hashing-trick"], "finished_at"].tolist() == stamp
+    histories = [json.loads(frame.loc[label, "history_json"]) for label in ("hashing-trick", "hashing-trick (fp16)")]
+    for history in histories:
+        for epoch in history:
+            epoch.pop("train_seconds")
+    assert histories[0] == histories[1]  # the same training, run again
+    assert abs(frame.loc["hashing-trick (fp16)", "test_auc"] - frame.loc["hashing-trick", "test_auc"]) < 1e-3
