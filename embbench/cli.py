@@ -198,18 +198,24 @@ def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) ->
 @main.command("report")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB, show_default=True)
 @click.option("--suite", default=None, help="Only this suite's cells.")
+@click.option("--suite-file", "suite_files", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A suite file run from a path, to show its text in the report (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
-def report_command(db: Path, suite: str | None, out: Path) -> None:
-    """Write a Markdown report with tables and Pareto plots (metric vs size) to OUT."""
+def report_command(db: Path, suite: str | None, suite_files: tuple[Path, ...], out: Path) -> None:
+    """Write OUT/report.md and a self-contained OUT/report.html: tables, Pareto plots vs size and latency."""
     from embbench.environment import git_commit, package_versions
-    from embbench.report import write_report
+    from embbench.report import shipped_suite_sources, write_report
     from embbench.store import ResultStore
+    from embbench.suites import parse_suite
 
     frame = ResultStore(db).frame(suite)
     context = {"database": str(db), "suite": suite or "all", "git commit": git_commit(),
                "versions": package_versions()}
-    path = write_report(frame, out, context=context)
-    click.echo(f"report written to {path}")
+    sources = shipped_suite_sources(frame["suite"].dropna()) if "suite" in frame else {}
+    sources.update({parse_suite(path).name: path.read_text(encoding="utf-8") for path in suite_files})
+    path = write_report(frame, out, context=context, suite_sources=sources)
+    click.echo(f"report written to {path} and {path.with_name('report.html')}")
 
 
 if __name__ == "__main__":
