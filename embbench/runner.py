@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -58,11 +60,16 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
 
 
-def features_of(split: Split, dim: int) -> dict[str, FeatureSpec]:
+def features_of(split: Split, dim: int, item_side: pd.DataFrame | None = None) -> dict[str, FeatureSpec]:
+    """The user and item features of a split; items carry the dataset's side features where it has any
+    (rows aligned with the training IDs, zeros for an item the side table lacks)."""
     features = {}
     for name in FEATURES:
         ids, counts = split.feature_counts(name)
-        features[name] = FeatureSpec(name, ids, counts, dim)
+        side = None
+        if name == "item" and item_side is not None and len(item_side.columns):
+            side = item_side.reindex(ids).fillna(0.0).to_numpy(dtype=np.float32)
+        features[name] = FeatureSpec(name, ids, counts, dim, side)
     return features
 
 
@@ -113,7 +120,7 @@ def prepare(name_or_path: str, data_dir: str | Path | None = None, quick: bool =
             splits[entry.label] = prepare_split(dataset)
         except EmbbenchError as exc:
             raise type(exc)(f"{entry.where}: {exc}") from None
-        features[entry.label] = features_of(splits[entry.label], suite.settings["dim"])
+        features[entry.label] = features_of(splits[entry.label], suite.settings["dim"], dataset.item_side_features())
     cells = suite.cells()
     plans: dict[str, dict[str, SchemePlan]] = {}
     for cell in cells:  # cells of one training run share the fp32 cell's plan

@@ -38,19 +38,24 @@ UNSEEN_KINDS = ("dedicated", "collided", "generated")
 class FeatureSpec:
     """One categorical feature as the training split sees it.
 
-    ``ids`` are the distinct raw IDs of the training split, sorted; ``counts`` their frequencies in it.
+    ``ids`` are the distinct raw IDs of the training split, sorted; ``counts`` their frequencies in it;
+    ``side`` optional side features, float32 [len(ids), s] aligned with ``ids`` (e.g. an item's genres), that
+    schemes may use as input (DHE's side-feature encoding); like the ID itself, they are input data, not state.
     """
 
     name: str
     ids: np.ndarray
     counts: np.ndarray
     dim: int
+    side: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.dim < 1:
             raise ConfigError(f"feature '{self.name}': embedding dim must be >= 1, got {self.dim}")
         if len(self.ids) != len(self.counts):
             raise ValueError("ids and counts must have the same length")
+        if self.side is not None and (self.side.ndim != 2 or len(self.side) != len(self.ids)):
+            raise ValueError(f"side features must be [len(ids), s], got shape {self.side.shape}")
 
     @property
     def num_ids(self) -> int:

@@ -68,6 +68,34 @@ def test_movielens_latest_reads_ratings_csv_of_each_variant(tmp_path, packed, va
     assert list(frame["rating"]) == [r - 0.5 for _, _, r, _ in ROWS]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "gz"])
+def test_movielens_genres_become_multi_hot_side_features_by_movie_id(tmp_path, packed):
+    flags = ["0"] * 19
+    u_item = "|".join(["10", "A (1995)", "01-Jan-1995", "", "http://x"] + ["1"] + flags[1:]) + "\n"
+    u_item += "|".join(["11", "B|C (1996)".replace("|", " "), "", "", ""] + flags[:3] + ["1"] + flags[4:]) + "\n"
+    write(tmp_path / "ml-100k" / "u.data", ML100K, packed)
+    write(tmp_path / "ml-100k" / "u.item", u_item, packed)
+    hundred_k = MovieLens100K(data_dir=tmp_path).item_side_features()
+    assert hundred_k.shape == (2, 19) and hundred_k.loc[10].tolist()[0] == 1 and hundred_k.loc[11].tolist()[3] == 1
+
+    write(tmp_path / "ml-1m" / "ratings.dat", ML1M, packed)
+    write(tmp_path / "ml-1m" / "movies.dat", "10::A (1995)::Comedy|Drama\n11::B: the sequel (1996)::Drama\n", packed)
+    one_m = MovieLens1M(data_dir=tmp_path).item_side_features()
+    assert list(one_m.columns) == ["Comedy", "Drama"] and one_m.loc[10].tolist() == [1, 1]
+    assert one_m.loc[11].tolist() == [0, 1] and one_m.dtypes.eq(np.float32).all()
+
+    write(tmp_path / "ml-latest-small" / "ratings.csv", LATEST, packed)
+    write(tmp_path / "ml-latest-small" / "movies.csv", 'movieId,title,genres\n10,"A, the",Comedy\n'
+          "11,B,(no genres listed)\n", packed)
+    latest = MovieLensLatest(data_dir=tmp_path).item_side_features()
+    assert list(latest.columns) == ["Comedy"] and latest.loc[11].tolist() == [0]
+
+
+def test_movielens_without_a_movie_file_has_no_side_features(tmp_path):
+    write(tmp_path / "ml-1m" / "ratings.dat", ML1M, False)
+    assert MovieLens1M(data_dir=tmp_path).item_side_features() is None
+
+
 def test_movielens_latest_rejects_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="variant must be one of 'latest-small', 'latest', '20m', '25m'"):
         MovieLensLatest(data_dir=tmp_path, variant="10m")

@@ -117,3 +117,22 @@ def test_killed_run_keeps_finished_cells_whole_and_resumes(tmp_path):
     summary = run_suite(str(path), db=db, progress=False)
     assert summary.already_done == finished and summary.ok == 8 - finished
     assert len(ResultStore(db).frame()) == 8
+
+
+def test_item_features_carry_side_features_aligned_with_their_ids():
+    import numpy as np
+    import pandas as pd
+
+    from embbench.data import prepare_split
+    from embbench.registry import create_dataset
+    from embbench.runner import features_of
+
+    split = prepare_split(create_dataset("synthetic", num_users=50, num_items=40, interactions_per_user=5))
+    item_ids, _ = split.feature_counts("item")
+    side = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}, index=[int(item_ids[1]), int(item_ids[0])])
+    features = features_of(split, 8, side)
+    assert features["user"].side is None
+    item = features["item"]
+    assert item.side.shape == (item.num_ids, 2) and item.side.dtype == np.float32
+    assert item.side[0].tolist() == [2.0, 4.0] and item.side[1].tolist() == [1.0, 3.0]
+    assert not item.side[2:].any()  # items the side table lacks get zeros

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,3 +231,43 @@ def test_dhe_rejects_bad_variant_parameters(params, message):
 
     with pytest.raises(ConfigError, match=message):
         create_scheme("dhe", **params)
+
+
+# --- Side-feature enhanced encoding (the DHE paper's Table 9) ------------------------------------------------
+
+def side_feature(num_ids: int = 300, genres: int = 5) -> FeatureSpec:
+    ids = np.arange(10, 10 + num_ids, dtype=np.int64)
+    side = (np.random.default_rng(0).random((num_ids, genres)) < 0.3).astype(np.float32)
+    return FeatureSpec("item", ids, np.ones(num_ids, dtype=np.int64), 8, side)
+
+
+def test_side_features_widen_the_first_layer_and_count_exactly():
+    feature = side_feature()
+    budget = Budget.parse("1/2").resolve(feature.num_ids, feature.dim)
+    scheme = create_scheme("dhe", num_hashes=32, hidden_layers=2, side_features=True)
+    module, plan = build_embedding(scheme, "dhe", feature, budget, seed=0)
+    assert plan.params["side_dim"] == 5
+    assert module.decoder.hidden[0].in_features == 32 + 5
+    # side features are input data, not state: the size is the decoder's (with 37 inputs) and the seed
+    assert state_size_bytes(module) == plan.size_bytes == scheme.size_bytes(plan.params["width"], 8, 37)
+
+
+def test_side_features_change_the_embedding_and_unseen_ids_get_zeros():
+    feature = side_feature()
+    budget = Budget.parse("1/2").resolve(feature.num_ids, feature.dim)
+    module, _ = build_embedding(create_scheme("dhe", num_hashes=32, side_features=True), "dhe", feature, budget, 0)
+    module.eval()
+    ids = torch.tensor([10, 11, 10_000])
+    assert torch.equal(module.side(ids)[:2], torch.as_tensor(feature.side[:2]))
+    assert not module.side(ids)[2].any()
+    with torch.no_grad():
+        before = module(ids)
+        module.side.values[0] = 1 - module.side.values[0]  # flip the genres of ID 10
+        after = module(ids)
+    assert not torch.equal(before[0], after[0]) and torch.equal(before[1:], after[1:])
+
+
+def test_side_features_are_ignored_for_a_feature_without_them():
+    budget = Budget.parse("1/2").resolve(SMALL.num_ids, SMALL.dim)
+    module, plan = build_embedding(create_scheme("dhe", num_hashes=32, side_features=True), "dhe", SMALL, budget, 0)
+    assert plan.params["side_dim"] == 0 and module.side is None

@@ -94,6 +94,25 @@ class _MovieLensFiles(Dataset):
             raise self._unreadable(path, exc) from None
 
 
+    def read_items(self, name: str, **read_csv_kwargs: Any) -> pd.DataFrame | None:
+        """The movie file ``name`` beside the ratings, or None when it is absent (side features are optional)."""
+        self.ratings_path()  # downloads the archive, which holds the movie file too, if the ratings are missing
+        path = find_file(self.data_dir, self.folders, [name])
+        if path is None:
+            return None
+        try:
+            return read_table(path, **read_csv_kwargs)
+        except (OSError, EOFError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise self._unreadable(path, exc) from None
+
+
+def genre_multi_hot(items: pd.Series, genres: pd.Series) -> pd.DataFrame:
+    """One 0/1 float column per genre, indexed by item ID, from '|'-separated genre strings."""
+    dummies = genres.fillna("").str.get_dummies(sep="|").drop(columns=["(no genres listed)"], errors="ignore")
+    dummies.index = items.to_numpy(dtype=np.int64)
+    return dummies.sort_index(axis=1).astype(np.float32)
+
+
 class MovieLens100K(_MovieLensFiles):
     """MovieLens 100K: 100,000 ratings of 1,682 movies by 943 users (official ml-100k u.data)."""
 
@@ -112,6 +131,16 @@ class MovieLens100K(_MovieLensFiles):
             sep="\t", header=None, names=["user", "item", "rating", "timestamp"],
             dtype=np.int64,
         )
+
+    def item_side_features(self) -> pd.DataFrame | None:
+        """The 19 genre flags of u.item (movie id | title | dates | URL | 19 flags), by movie ID."""
+        movies = self.read_items("u.item", sep="|", header=None, encoding="latin-1")
+        if movies is None:
+            return None
+        flags = movies.iloc[:, -19:].astype(np.float32)
+        flags.index = movies.iloc[:, 0].to_numpy(dtype=np.int64)
+        flags.columns = [f"genre_{i}" for i in range(19)]
+        return flags
 
 
 class MovieLens1M(_MovieLensFiles):
@@ -134,6 +163,14 @@ class MovieLens1M(_MovieLensFiles):
         )
         frame.columns = ["user", "item", "rating", "timestamp"]
         return frame
+
+    def item_side_features(self) -> pd.DataFrame | None:
+        """Genres of movies.dat (MovieID::Title::Genres, latin-1) as multi-hot flags, by movie ID."""
+        movies = self.read_items("movies.dat", sep="\t", header=None, names=["line"], encoding="latin-1")
+        if movies is None:
+            return None
+        fields = movies["line"].str.split("::", n=2, expand=True)
+        return genre_multi_hot(fields[0].astype(np.int64), fields[2])
 
 
 class MovieLensLatest(_MovieLensFiles):
@@ -161,3 +198,8 @@ class MovieLensLatest(_MovieLensFiles):
         )
         frame = frame.rename(columns={"userId": "user", "movieId": "item"})
         return frame[["user", "item", "rating", "timestamp"]]
+
+    def item_side_features(self) -> pd.DataFrame | None:
+        """Genres of movies.csv (movieId,title,genres) as multi-hot flags, by movie ID."""
+        movies = self.read_items("movies.csv", usecols=["movieId", "genres"])
+        return None if movies is None else genre_multi_hot(movies["movieId"], movies["genres"])

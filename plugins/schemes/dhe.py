@@ -210,6 +210,29 @@ class DHEDecoder(nn.Module):
         return self.output(inputs)
 
 
+class SideFeatureLookup(nn.Module):
+    """Raw IDs -> their side features (e.g. genres), zeros for an ID without any (the DHE paper's Table 9).
+
+    Side features are input data that arrive with the ID, not learned state: they live in non-persistent
+    buffers and are not part of the scheme's size.
+    """
+
+    def __init__(self, ids: np.ndarray, side: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("ids", torch.as_tensor(ids, dtype=torch.int64), persistent=False)
+        values = torch.as_tensor(np.asarray(side, dtype=np.float32))
+        self.register_buffer("values", torch.cat((values, values.new_zeros(1, values.shape[1]))), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        position = torch.searchsorted(self.ids, ids).clamp_(max=max(self.ids.numel() - 1, 0))
+        known = self.ids[position] == ids if self.ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+        return self.values[torch.where(known, position, torch.full_like(position, self.ids.numel()))]
+
+
 class DHEModule(nn.Module):
     """encoder -> decoder, with an optional inference cache of the embeddings of known IDs.
 
@@ -224,9 +247,10 @@ class DHEModule(nn.Module):
         decoder: DHEDecoder,
         known_ids: torch.Tensor | None = None,
         compile: bool = False,
+        side: SideFeatureLookup | None = None,
     ) -> None:
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+        self.encoder, self.decoder, self.side = encoder, decoder, side
         self.register_buffer("known_ids", known_ids, persistent=False)  # None unless cache_known_ids
         self.register_buffer("cached_ids", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("cached_embeddings", torch.empty(0, 0), persistent=False)
@@ -234,11 +258,18 @@ class DHEModule(nn.Module):
         self._compiled: Any = None  # built on first use: compiling costs seconds and a C++ toolchain
 
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
-        """IDs with equal tuples (hash values, or the ID mod p) get equal encodings, hence embeddings."""
-        return self.encoder.index_tuples(ids)
+        """IDs with equal tuples (hash values, or the ID mod p, and side features) get equal embeddings."""
+        tuples = self.encoder.index_tuples(ids)
+        if self.side is None:
+            return tuples
+        side_bits = self.side(ids).contiguous().view(torch.int32).to(torch.int64)  # exact: the float's bits
+        return torch.cat((tuples, side_bits), dim=1)
 
     def _compute(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(ids))
+        code = self.encoder(ids)
+        if self.side is not None:  # the side-feature enhanced encoding: [hash encoding; side features]
+            code = torch.cat((code, self.side(ids)), dim=1)
+        return self.decoder(code)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.compile:
@@ -308,6 +339,7 @@ class DeepHashEmbedding(Scheme):
         fourier_scale: float = 10.0,
         cache_known_ids: bool = False,
         compile: bool = False,
+        side_features: bool = False,
     ) -> None:
         if not 1 <= num_hashes <= 65536:
             raise ValueError(f"num_hashes must be in [1, 65536], got {num_hashes}")
@@ -337,6 +369,7 @@ class DeepHashEmbedding(Scheme):
             "width": width, "activation": activation, "batch_norm": batch_norm, "encoding": encoding,
             "architecture": architecture, "fourier_scale": float(fourier_scale),
             "cache_known_ids": bool(cache_known_ids), "compile": bool(compile),
+            "side_features": bool(side_features),
         }
 
     def encoding_dim(self, id_bits: int = 1) -> int:
@@ -353,7 +386,9 @@ class DeepHashEmbedding(Scheme):
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         id_scale, id_bits = id_range(feature.ids)
-        encoding_dim = self.encoding_dim(id_bits)
+        # With side_features, a feature that has them (items with genres) appends them to the encoding.
+        side_dim = feature.side.shape[1] if self._params["side_features"] and feature.side is not None else 0
+        encoding_dim = self.encoding_dim(id_bits) + side_dim
 
         def size_of(width: int) -> int:
             return self.size_bytes(width, feature.dim, encoding_dim)
@@ -369,7 +404,7 @@ class DeepHashEmbedding(Scheme):
                 "dhe", budget_bytes, size_of(lowest),
                 f"{self.encoding} encoding of {encoding_dim} features, width {lowest}",
             )
-        params = dict(self._params, width=width, id_scale=id_scale, id_bits=id_bits)
+        params = dict(self._params, width=width, id_scale=id_scale, id_bits=id_bits, side_dim=side_dim)
         notes = {"hidden_widths": hidden_widths(self.architecture, width, self.hidden_layers)}
         return SchemePlan("dhe", params, size_of(width), budget_bytes, notes)
 
@@ -382,10 +417,16 @@ class DeepHashEmbedding(Scheme):
             p["encoding"], p["num_hashes"], p["num_buckets"], id_scale, id_bits,
             p.get("fourier_scale", 10.0), seed,
         )
+        side = None
+        if p.get("side_dim"):
+            if feature.side is None or feature.side.shape[1] != p["side_dim"]:
+                raise ValueError(f"the plan expects {p['side_dim']} side features; the feature has none or others")
+            side = SideFeatureLookup(feature.ids, feature.side)
         torch.manual_seed(seed + 1)  # the decoder's initial weights, reproducibly
         shapes = layer_shapes(
-            p.get("architecture", "equal"), encoder.dim, p["width"], p["hidden_layers"], feature.dim
+            p.get("architecture", "equal"), encoder.dim + (side.dim if side else 0), p["width"],
+            p["hidden_layers"], feature.dim,
         )
         decoder = DHEDecoder(shapes, p.get("architecture", "equal"), p["activation"], p["batch_norm"])
         known_ids = torch.as_tensor(feature.ids, dtype=torch.int64) if p.get("cache_known_ids") else None
-        return DHEModule(encoder, decoder, known_ids, compile=bool(p.get("compile", False)))
+        return DHEModule(encoder, decoder, known_ids, compile=bool(p.get("compile", False)), side=side)
