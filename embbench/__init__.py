@@ -19,7 +19,7 @@ from embbench.schemes import (
     state_size_bytes,
 )
 from embbench.tables import DEFAULT_INIT_STD, EmbeddingTable
-from embbench.vocabulary import VocabularyIndex
+from embbench.vocabulary import VocabularyIndex, lookup_sorted
 
 __version__ = "0.1.0"
 
@@ -27,5 +27,5 @@ __all__ = [
     "DEFAULT_INIT_STD", "FLOAT_BYTES", "ID_BYTES", "MERSENNE_PRIME", "Budget", "BudgetTooSmall",
     "ConfigError", "DataNotFound", "EmbbenchError", "EmbeddingTable", "FeatureSpec", "HashFamily",
     "PluginError", "Scheme", "SchemePlan", "VocabularyIndex", "build_embedding", "full_table_bytes",
-    "largest_fitting", "mlp_size_bytes", "state_size_bytes",
+    "largest_fitting", "mlp_size_bytes", "state_size_bytes", "lookup_sorted",
 ]

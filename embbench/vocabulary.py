@@ -54,6 +54,17 @@ def encoding_sizes(ids: np.ndarray) -> dict[str, int]:
     return sizes
 
 
+def lookup_sorted(sorted_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each ID's position in the sorted int64 ``sorted_ids`` (clamped into range) and whether it is there.
+
+    The one dictionary look-up every scheme with a sorted ID buffer shares; an empty buffer finds nothing.
+    """
+    if sorted_ids.numel() == 0:
+        return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    position = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
+    return position, sorted_ids[position] == ids
+
+
 class VocabularyIndex(nn.Module):
     """Raw IDs -> dense index: the rank 0..n-1 in the sorted training vocabulary, n for any unseen ID."""
 
@@ -126,8 +137,8 @@ class VocabularyIndex(nn.Module):
         if self.encoding == "bitmap":
             rank = self._ranks[clamped - self.vocabulary_start]
             return torch.where(in_range & (rank >= 0), rank, unseen)
-        position = torch.searchsorted(self._sorted, ids).clamp(max=self.num_ids - 1)
-        return torch.where(self._sorted[position] == ids, position, unseen)
+        position, known = lookup_sorted(self._sorted, ids)
+        return torch.where(known, position, unseen)
 
     def extra_repr(self) -> str:
         return f"num_ids={self.num_ids}, encoding={self.encoding}"

@@ -34,6 +34,7 @@ from embbench import (
     Scheme,
     SchemePlan,
     largest_fitting,
+    lookup_sorted,
 )
 
 ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -228,8 +229,7 @@ class SideFeatureLookup(nn.Module):
         return int(self.values.shape[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        position = torch.searchsorted(self.ids, ids).clamp_(max=max(self.ids.numel() - 1, 0))
-        known = self.ids[position] == ids if self.ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+        position, known = lookup_sorted(self.ids, ids)
         return self.values[torch.where(known, position, torch.full_like(position, self.ids.numel()))]
 
 
@@ -285,8 +285,7 @@ class DHEModule(nn.Module):
             self.freeze(self.known_ids)
         if self.cached_ids.numel() == 0:
             return self._embed(ids)
-        position = torch.searchsorted(self.cached_ids, ids).clamp_(max=self.cached_ids.numel() - 1)
-        known = self.cached_ids[position] == ids
+        position, known = lookup_sorted(self.cached_ids, ids)
         if bool(known.all()):
             return self.cached_embeddings[position]
         out = torch.empty(ids.numel(), self.cached_embeddings.shape[1], dtype=self.cached_embeddings.dtype)

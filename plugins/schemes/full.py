@@ -13,6 +13,7 @@ from embbench import (
     FeatureSpec,
     Scheme,
     SchemePlan,
+    lookup_sorted,
 )
 
 
@@ -25,11 +26,8 @@ class FullLookup(nn.Module):
         self.table = EmbeddingTable(len(vocabulary) + 1, dim, seed=seed)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        num_ids = self.vocabulary.numel()
-        position = torch.searchsorted(self.vocabulary, ids)
-        clamped = position.clamp(max=num_ids - 1)
-        known = self.vocabulary[clamped] == ids
-        return torch.where(known, clamped, torch.full_like(clamped, num_ids))
+        position, known = lookup_sorted(self.vocabulary, ids)
+        return torch.where(known, position, torch.full_like(position, self.vocabulary.numel()))
 
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids).unsqueeze(1)

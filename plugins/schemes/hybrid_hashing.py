@@ -19,7 +19,16 @@ from embbench_plugins.schemes.multi_hashing import (
 )
 from torch import nn
 
-from embbench import FLOAT_BYTES, ID_BYTES, BudgetTooSmall, EmbeddingTable, FeatureSpec, Scheme, SchemePlan
+from embbench import (
+    FLOAT_BYTES,
+    ID_BYTES,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    Scheme,
+    SchemePlan,
+    lookup_sorted,
+)
 
 NUM_HASHES = 2
 
@@ -43,8 +52,7 @@ class HybridLookup(nn.Module):
 
     def dedicated_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each ID's position in the frequent dictionary (clamped into range) and whether it is there."""
-        position = torch.searchsorted(self.frequent_ids, ids).clamp(max=len(self.frequent_ids) - 1)
-        return position, self.frequent_ids[position] == ids
+        return lookup_sorted(self.frequent_ids, ids)
 
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         """The two hashed rows, or (-1 - dedicated row, -1) for a frequent ID: a tuple no hashed ID has."""

@@ -16,6 +16,7 @@ from embbench import (
     FeatureSpec,
     Scheme,
     SchemePlan,
+    lookup_sorted,
 )
 
 _SCALE_SEARCH_STEPS = 100
@@ -81,9 +82,7 @@ class MixedDimLookup(nn.Module):
         block_of = torch.full_like(ids, self.oov_block)
         row_of = torch.full_like(ids, len(self.block_ids(self.oov_block)))
         for block in range(len(self.block_dims)):
-            dictionary = self.block_ids(block)
-            position = torch.searchsorted(dictionary, ids).clamp(max=len(dictionary) - 1)
-            known = dictionary[position] == ids
+            position, known = lookup_sorted(self.block_ids(block), ids)
             block_of = torch.where(known, block, block_of)
             row_of = torch.where(known, position, row_of)
         return block_of, row_of

@@ -24,6 +24,7 @@ from embbench import (
     Scheme,
     SchemePlan,
     largest_fitting,
+    lookup_sorted,
 )
 
 MAPPINGS = ("hash", "vocabulary")
@@ -104,10 +105,8 @@ class TTLookup(nn.Module):
     def dense_index(self, ids: torch.Tensor) -> torch.Tensor:
         if self.mapping == "hash":
             return self.hash(ids)[:, 0]
-        num_ids = self.vocabulary.numel()
-        position = torch.searchsorted(self.vocabulary, ids).clamp(max=num_ids - 1)
-        known = self.vocabulary[position] == ids
-        return torch.where(known, position, torch.full_like(position, num_ids))
+        position, known = lookup_sorted(self.vocabulary, ids)
+        return torch.where(known, position, torch.full_like(position, self.vocabulary.numel()))
 
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dense_index(ids).unsqueeze(1)
