@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from embbench import registry
-from embbench.data import Split, prepare_split
-from embbench.runner import features_of
+from embbench.data import Split, features_of, prepare_split
 from embbench.training import TrainConfig, TrainResult, train_and_evaluate
 
 from .common import BUDGETS, SCHEMES, build, plan_embedding, use_benchmark_threads

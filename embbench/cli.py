@@ -53,7 +53,7 @@ def main() -> None:
 
 
 @main.command("list")
-@click.argument("kind", type=click.Choice(["schemes", "datasets", "models", "suites"]), default="schemes")
+@click.argument("kind", type=click.Choice(["schemes", "datasets", "models", "tasks", "suites"]), default="schemes")
 @click.argument("pattern", default="*")
 @click.option("--exclude", multiple=True, help="Shell-style pattern of names to leave out (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
@@ -153,11 +153,13 @@ def run_suite_command(suite: str, db: Path, data_dir: Path | None, quick: bool, 
         sys.exit(1)
 
 
+# A stable contract: columns are only ever appended.
 RESULT_FIELDS = [
     "suite", "dataset", "model", "scheme", "scheme_label", "budget", "size_bytes", "budget_bytes", "full_bytes",
     "device", "device_name", "seed", "status", "test_auc", "test_hr10", "test_ndcg10", "val_auc", "val_hr10",
     "train_seconds", "eval_seconds", "epochs_run", "best_epoch", "table_backend", "threads", "git_commit",
-    "finished_at", "error",
+    "finished_at", "error", "task", "precision", "test_logloss", "val_logloss", "peak_memory_bytes",
+    "train_examples_per_second", "embedding_latency_ms", "model_latency_ms",
 ]
 
 
@@ -185,12 +187,15 @@ def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) ->
         if frame.empty:
             click.echo("no results")
             return
+        metrics = [c for c in ("test_auc", "test_hr10", "test_logloss") if c in frame and frame[c].notna().any()]
         shown = frame[["suite", "dataset", "model", "scheme_label", "budget", "size_bytes", "device", "seed",
-                       "status", "test_auc", "test_hr10", "train_seconds"]]
+                       "status", *metrics, "train_seconds"]]
+
+        def fmt(digits: int) -> Any:
+            return lambda v: "-" if v is None or v != v else f"{v:.{digits}f}"
+
         with_text = shown.assign(
-            test_auc=shown["test_auc"].map(lambda v: f"{v:.4f}" if v == v else "-"),
-            test_hr10=shown["test_hr10"].map(lambda v: f"{v:.4f}" if v == v else "-"),
-            train_seconds=shown["train_seconds"].map(lambda v: f"{v:.1f}" if v == v else "-"),
+            **{c: shown[c].map(fmt(4)) for c in metrics}, train_seconds=shown["train_seconds"].map(fmt(1))
         )
         click.echo(with_text.to_string(index=False))
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from embbench.errors import ConfigError, DataNotFound, PluginError
+from embbench.schemes import FeatureSpec
 
 # Bump when the split protocol changes: it is part of every cache key, so old caches are never reused.
 _PROTOCOL_VERSION = "leave-last-out/v1"
@@ -92,6 +93,19 @@ class Split:
             "validation_rows": len(self.validation),
             "test_rows": len(self.test),
         }
+
+
+def features_of(split: Split, dim: int, item_side: pd.DataFrame | None = None) -> dict[str, FeatureSpec]:
+    """The user and item features of a split; items carry the dataset's side features where it has any
+    (rows aligned with the training IDs, zeros for an item the side table lacks)."""
+    features = {}
+    for name in ("user", "item"):
+        ids, counts = split.feature_counts(name)
+        side = None
+        if name == "item" and item_side is not None and len(item_side.columns):
+            side = item_side.reindex(ids).fillna(0.0).to_numpy(dtype=np.float32)
+        features[name] = FeatureSpec(name, ids, counts, dim, side)
+    return features
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:

@@ -73,3 +73,18 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "git_commit": git_commit(),
     }
+
+
+def available_memory_bytes(device: torch.device | None = None) -> int | None:
+    """Memory a new allocation can still get: free GPU memory on a CUDA device; on a CPU, Linux's
+    MemAvailable (free plus reclaimable cache). None where it cannot be read."""
+    if device is not None and device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

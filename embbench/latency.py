@@ -8,7 +8,7 @@ synchronises the device itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ class Latency:
         return asdict(self)
 
 
-def _batch(pool: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def pool_batch(pool: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """``batch_size`` IDs drawn cyclically from ``pool`` (repeats when the pool is smaller)."""
     repeats = -(-batch_size // len(pool))
     return pool.repeat(repeats)[:batch_size].to(device)
@@ -70,7 +70,7 @@ def embedding_latency(
     try:
         latencies = []
         for size in batch_sizes:
-            batch = _batch(ids, size, device)
+            batch = pool_batch(ids, size, device)
             latencies.append(time_call(lambda batch=batch: module(batch), size, device, min_run_seconds))
         return latencies
     finally:
@@ -80,18 +80,15 @@ def embedding_latency(
 @torch.no_grad()
 def model_latency(
     model: torch.nn.Module,
-    users: torch.Tensor,
-    items: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
     device: torch.device,
-    batch_size: int = 4096,
     min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
 ) -> Latency:
-    """Latency of scoring ``batch_size`` (user, item) pairs with the whole model in eval mode."""
+    """Latency of scoring one batch (``model(*inputs)``, all inputs [B, ...] on ``device``) in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        user_batch, item_batch = _batch(users, batch_size, device), _batch(items.roll(7), batch_size, device)
-        return time_call(lambda: model(user_batch, item_batch), batch_size, device, min_run_seconds)
+        return time_call(lambda: model(*inputs), len(inputs[0]), device, min_run_seconds)
     finally:
         model.train(was_training)
 
@@ -108,18 +105,24 @@ def resident_bytes() -> int | None:
 
 
 def measure_cell_latency(
+    embeddings: Mapping[str, tuple[torch.nn.Module, torch.Tensor]],
     model: torch.nn.Module,
-    users: torch.Tensor,
-    items: torch.Tensor,
+    model_inputs: Sequence[torch.Tensor],
     device: torch.device,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
 ) -> dict[str, Any]:
-    """Embedding-only latency (user and item features) at each batch size, and full-model latency."""
+    """Embedding-only latency of each feature (its module and a pool of real IDs) at each batch size, and the
+    full model's latency on one batch of ``model_inputs``."""
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(device)}
-    for feature, module, pool in (("user", model.user_embedding, users), ("item", model.item_embedding, items)):
+    for feature, (module, pool) in embeddings.items():
         result[f"{feature}_embedding"] = [
             latency.as_dict() for latency in embedding_latency(module, pool, device, batch_sizes, min_run_seconds)
         ]
-    result["model"] = model_latency(model, users, items, device, max(batch_sizes), min_run_seconds).as_dict()
+    result["model"] = model_latency(model, model_inputs, device, min_run_seconds).as_dict()
     return result
+
+
+def embedding_latency_ms(latency: Mapping[str, Any], features: Sequence[str]) -> float:
+    """Milliseconds to embed one batch (the largest measured) of every feature: the sum over features."""
+    return sum(latency[f"{feature}_embedding"][-1]["median_ms"] for feature in features)

@@ -1,7 +1,8 @@
-"""Full-ranking metrics: each user's held-out item ranked against every candidate item of the catalogue.
+"""Metrics. Full ranking: each user's held-out item ranked against every candidate item of the catalogue.
 
 No sampled negatives: a user's candidates are all items not excluded for them (their training items and the
 other split's held-out item are excluded). Ties count against the model, so a constant scorer gets HR 0.
+Classification (rating classification, click-through): AUC over held-out rows and log-loss.
 """
 
 from __future__ import annotations
@@ -116,3 +117,44 @@ class RankingAccumulator:
         """Mean of each metric over all users added where it is defined; NaN if none."""
         return {name: self._totals[name] / self._counts[name] if self._counts[name] else math.nan
                 for name in self.keys}
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of ``scores`` for 0/1 ``labels`` (Mann-Whitney U, ties counted half); NaN without both classes."""
+    scores = scores.detach().double().flatten().cpu()
+    labels = labels.detach().flatten().cpu().bool()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels must have the same length, got {len(scores)} and {len(labels)}")
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    scores = scores.masked_fill(scores.isnan(), -math.inf)  # a NaN score counts against the model
+    # Average ranks of tied scores: sort, then give each run of equal values the mean of its positions.
+    sorted_scores, order = torch.sort(scores)
+    new_run = torch.ones(len(sorted_scores), dtype=torch.bool)
+    new_run[1:] = sorted_scores[1:] != sorted_scores[:-1]
+    run_id = torch.cumsum(new_run, 0) - 1
+    positions = torch.arange(1, len(sorted_scores) + 1, dtype=torch.float64)
+    run_sum = torch.zeros(int(run_id[-1]) + 1, dtype=torch.float64).index_add_(0, run_id, positions)
+    run_size = torch.bincount(run_id).double()
+    ranks = torch.empty_like(positions)
+    ranks[order] = (run_sum / run_size)[run_id]
+    rank_sum = float(ranks[labels].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean binary cross-entropy (natural log) of ``logits`` against 0/1 ``labels``."""
+    logits = logits.detach().double().flatten().cpu()
+    labels = labels.detach().double().flatten().cpu()
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits and labels must have the same length, got {len(logits)} and {len(labels)}")
+    if len(labels) == 0:
+        return math.nan
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUC and log-loss of held-out rows."""
+    return {"auc": binary_auc(logits, labels), "logloss": log_loss(logits, labels)}

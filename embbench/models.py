@@ -1,21 +1,29 @@
-"""The model API: a recommendation model is two embedding modules (user, item) and an interaction.
+"""The model APIs. A user-item model (:class:`RecModel`) is two embedding modules and an interaction; a
+click-through model (:class:`CTRModel`) is one embedding module per categorical field plus dense features.
 
-Model plugins subclass :class:`RecModel`. The core builds the user and item embeddings from a scheme and
-passes them in; the model never knows which scheme produced them. ``interact_all`` scores every item of the
-catalogue for a batch of users, which full-ranking evaluation needs; subclasses override it with a faster
-exact form where one exists.
+Model plugins subclass one of them; the task says which (ranking and rating classification take a
+``RecModel``, ``ctr`` a ``CTRModel``). The core builds the embeddings from a scheme and passes them in; the
+model never knows which scheme produced them. ``RecModel.interact_all`` scores every item of the catalogue
+for a batch of users, which full-ranking evaluation needs; subclasses override it with a faster exact form
+where one exists.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 #: constructor arguments supplied by the core, not by suite files
-RESERVED_ARGUMENTS = ("user_embedding", "item_embedding", "dim")
+RESERVED_ARGUMENTS = ("user_embedding", "item_embedding", "dim", "embeddings", "num_dense")
+
+
+def _dense_size_bytes(model: nn.Module, embeddings: Mapping[str, nn.Module]) -> int:
+    embedding_params = {id(p) for m in embeddings.values() for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embedding_params)
 
 
 class RecModel(nn.Module, ABC):
@@ -47,7 +55,50 @@ class RecModel(nn.Module, ABC):
         """Hyper-parameters to record with results."""
         return {}
 
+    def embedding_modules(self) -> dict[str, nn.Module]:
+        """The embedding module of each feature, by feature name."""
+        return {"user": self.user_embedding, "item": self.item_embedding}
+
     def dense_size_bytes(self) -> int:
         """Bytes of the model's own parameters, outside the embeddings."""
-        embedding_params = {id(p) for m in (self.user_embedding, self.item_embedding) for p in m.parameters()}
-        return sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in embedding_params)
+        return _dense_size_bytes(self, self.embedding_modules())
+
+
+class CTRModel(nn.Module, ABC):
+    """Base class of click-through model plugins: forward(dense float [B, D], sparse int64 [B, F]) -> logits [B].
+
+    ``embeddings`` maps each categorical field (in column order of ``sparse``) to its embedding module, each
+    giving [B, dim]; ``num_dense`` is D, which may be 0.
+    """
+
+    summary: ClassVar[str] = ""
+
+    def __init__(self, embeddings: Mapping[str, nn.Module], num_dense: int, dim: int) -> None:
+        super().__init__()
+        if not embeddings:
+            raise ValueError("a click-through model needs at least one categorical field")
+        self.fields = tuple(embeddings)
+        self.embeddings = nn.ModuleDict(dict(embeddings))
+        self.num_dense = num_dense
+        self.dim = dim
+
+    def embed(self, sparse: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, F, dim] of the fields' IDs [B, F]."""
+        return torch.stack([self.embeddings[name](sparse[:, i]) for i, name in enumerate(self.fields)], dim=1)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.interact(dense, self.embed(sparse))
+
+    @abstractmethod
+    def interact(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Logits [B] from dense features [B, D] and field embeddings [B, F, dim]."""
+
+    def embedding_modules(self) -> dict[str, nn.Module]:
+        return dict(self.embeddings.items())
+
+    def extra_config(self) -> dict[str, Any]:
+        return {}
+
+    def dense_size_bytes(self) -> int:
+        """Bytes of the model's own parameters, outside the embeddings."""
+        return _dense_size_bytes(self, self.embedding_modules())

@@ -1,9 +1,9 @@
-"""Plugin registry: schemes, datasets and models discovered through entry points.
+"""Plugin registry: schemes, datasets, models and tasks discovered through entry points.
 
 Like timm's registry: ``list_schemes('hash*')`` filters names with shell-style wildcards and sorts them
 naturally, ``create_scheme(name, **params)`` is the one factory. Registration is an entry point in the
-groups ``embbench.schemes``, ``embbench.datasets`` and ``embbench.models``, so a third-party package is
-registered exactly like the built-in plugins. The core never imports a plugin by name.
+groups ``embbench.schemes``, ``embbench.datasets``, ``embbench.models`` and ``embbench.tasks``, so a
+third-party package is registered exactly like the built-in plugins. The core never imports a plugin by name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from typing import Any
 
 from embbench.errors import ConfigError, PluginError, closest
 
-KINDS = {"schemes": "embbench.schemes", "datasets": "embbench.datasets", "models": "embbench.models"}
+KINDS = {
+    "schemes": "embbench.schemes",
+    "datasets": "embbench.datasets",
+    "models": "embbench.models",
+    "tasks": "embbench.tasks",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def _load_entry(kind: str, name: str, entries: list[EntryPoint]) -> PluginInfo:
 
 
 def discover(kind: str, refresh: bool = False) -> dict[str, PluginInfo]:
-    """All plugins of one kind ('schemes', 'datasets', 'models'), loaded, keyed by name."""
+    """All plugins of one kind ('schemes', 'datasets', 'models', 'tasks'), loaded, keyed by name."""
     if kind not in KINDS:
         raise ConfigError(f"unknown plugin kind '{kind}'{closest(kind, KINDS)}; use one of {', '.join(KINDS)}")
     if refresh or kind not in _cache:

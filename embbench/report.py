@@ -37,11 +37,13 @@ CONFIDENCE = 0.95
 SIZE_AXIS_LABEL = "embedding size (bytes, log scale)"
 X_AXES = {
     "size_bytes": SIZE_AXIS_LABEL,
-    "embedding_latency_ms": "embedding inference latency, user + item, largest batch (ms, log scale)",
+    "embedding_latency_ms": "embedding inference latency, all features, largest batch (ms, log scale)",
 }
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
 FRONT_MARK, OVERLAP_MARK = "★", "☆"
-NUMERIC_MEANS = ("size_bytes", "full_bytes", "train_seconds", "embedding_latency_ms", "train_examples_per_second")
+NUMERIC_MEANS = (
+    "size_bytes", "full_bytes", "train_seconds", "embedding_latency_ms", "train_examples_per_second", "test_logloss",
+)
 
 
 def summarize_results(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
@@ -69,6 +71,7 @@ def summarize_results(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
         train_seconds=("train_seconds", "mean"),
         embedding_latency_ms=("embedding_latency_ms", "mean"),
         train_examples_per_second=("train_examples_per_second", "mean"),
+        test_logloss=("test_logloss", "mean"),
     )
     for metric in METRIC_LABELS:
         stats = grouped[metric].agg(["mean", "std", "count"])
@@ -614,6 +617,8 @@ def format_bytes(size: float) -> str:
 
 
 def _panel_table(panel: pd.DataFrame) -> Table:
+    """The panel's rows; classification tasks (no HR@10) show log-loss in its place."""
+    ranking = bool(panel["test_hr10_mean"].notna().any())
     rows = []
     for row in panel.itertuples(index=False):
         size = format_bytes(row.size_bytes)
@@ -621,11 +626,13 @@ def _panel_table(panel: pd.DataFrame) -> Table:
             size += f" ({100 * row.size_bytes / row.full_bytes:.3g}% of full)"
         rows.append([
             row.scheme_label, str(row.budget), size,
-            _metric_cell(row, "test_auc"), _metric_cell(row, "test_hr10"),
+            _metric_cell(row, "test_auc"),
+            _metric_cell(row, "test_hr10") if ranking else _number_text(row.test_logloss, ".4f"),
             str(row.seeds), _number_text(row.train_seconds, ".1f"),
             _number_text(row.train_examples_per_second, ",.0f"), _number_text(row.embedding_latency_ms, ".3g"),
         ])
-    header = ("scheme", "budget", "size", "test AUC", "test HR@10", "seeds", "train s", "train ex/s", "latency ms")
+    second = "test HR@10" if ranking else "test log-loss"
+    header = ("scheme", "budget", "size", "test AUC", second, "seeds", "train s", "train ex/s", "latency ms")
     return Table(header, tuple(tuple(row) for row in rows), "lllrrrrrr")
 
 
@@ -694,7 +701,7 @@ def _number(frame: pd.DataFrame, name: str) -> pd.Series:
 def _summary_columns() -> list[str]:
     columns = [*GROUP_KEYS, "scheme", "size_bytes", "full_bytes", "seeds"]
     columns += [f"{metric}_{part}" for metric in METRIC_LABELS for part in ("mean", "low", "high")]
-    columns += ["train_seconds", "embedding_latency_ms", "train_examples_per_second"]
+    columns += ["train_seconds", "embedding_latency_ms", "train_examples_per_second", "test_logloss"]
     columns += [f"{metric}_{flag}" for metric in METRIC_LABELS
                 for flag in ("on_front", "overlaps_front", "front_best")]
     return columns

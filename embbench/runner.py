@@ -6,46 +6,58 @@ raises while running is stored as failed with its traceback and the sweep goes o
 
 Cells that differ only in precision share one training run: the fp32 model is trained once, then each other
 precision quantises a copy of its tables and is evaluated again, as a row of its own.
+
+What is learned and how it is scored is the suite's task (a plugin: ranking, rating-classification, ctr).
+A cell whose tables would not fit in the memory available is refused before anything is built, and stored
+as skipped with the reason, so a sweep never ends in an out-of-memory kill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from embbench import registry
-from embbench.data import Split, prepare_split
-from embbench.environment import device_name, environment, git_commit, host
+from embbench.environment import available_memory_bytes, device_name, environment, git_commit, host
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
-from embbench.latency import measure_cell_latency, resident_bytes
-from embbench.models import RESERVED_ARGUMENTS, RecModel
+from embbench.latency import embedding_latency_ms, measure_cell_latency, resident_bytes
+from embbench.models import RESERVED_ARGUMENTS
 from embbench.quantization import QuantizationUnavailable, quantize_tables, quantized_size_bytes
 from embbench.schemes import Budget, FeatureSpec, SchemePlan, build_embedding, full_table_bytes
 from embbench.store import DEFAULT_DB, ResultStore
-from embbench.suites import BASE_PRECISION, Cell, Entry, Suite, find_suite, parse_suite
+from embbench.suites import BASE_PRECISION, DEFAULT_BACKEND, Cell, Entry, Suite, find_suite, parse_suite
 from embbench.tables import table_backend
-from embbench.training import RankingTask, TrainConfig, evaluate, train_and_evaluate
+from embbench.tasks import Task, TaskData, metric_record
+from embbench.training import TrainConfig
 
-FEATURES = ("user", "item")
+#: bytes held per byte of embedding state while training: weights, gradients and Adam's two moments
+TRAINING_MEMORY_FACTOR = 4
 
 
 @dataclass
 class PreparedSuite:
     suite: Suite
     cells: list[Cell]
-    splits: dict[str, Split]  # by dataset label
+    task: Task
+    data: dict[str, TaskData]  # by dataset label
     plans: dict[str, dict[str, SchemePlan]]  # by cell key, then feature
-    features: dict[str, dict[str, FeatureSpec]]  # by dataset label, then feature
+    refused: dict[str, str] = field(default_factory=dict)  # cell key -> why it cannot run on this machine
+
+    @property
+    def features(self) -> dict[str, dict[str, FeatureSpec]]:
+        """Features by dataset label, then feature name."""
+        return {label: data.features for label, data in self.data.items()}
 
 
 @dataclass
@@ -60,47 +72,51 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
 
 
-def features_of(split: Split, dim: int, item_side: pd.DataFrame | None = None) -> dict[str, FeatureSpec]:
-    """The user and item features of a split; items carry the dataset's side features where it has any
-    (rows aligned with the training IDs, zeros for an item the side table lacks)."""
-    features = {}
-    for name in FEATURES:
-        ids, counts = split.feature_counts(name)
-        side = None
-        if name == "item" and item_side is not None and len(item_side.columns):
-            side = item_side.reindex(ids).fillna(0.0).to_numpy(dtype=np.float32)
-        features[name] = FeatureSpec(name, ids, counts, dim, side)
-    return features
-
-
 def plan_cell(cell: Cell, features: dict[str, FeatureSpec]) -> dict[str, SchemePlan]:
-    """Each feature's plan at the cell's budget; a budget below the scheme's minimum names the suite entry."""
+    """Each feature's plan, the cell's budget shared over the features; a budget below the scheme's minimum
+    names the suite entry."""
     scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
-    budget = Budget.parse(cell.budget)
+    shares = Budget.parse(cell.budget).allocate(features)
     plans = {}
     for name, feature in features.items():
-        budget_bytes = budget.resolve(feature.num_ids, feature.dim)
         try:
-            plans[name] = scheme.plan(feature, budget_bytes)
+            plans[name] = scheme.plan(feature, shares[name])
         except BudgetTooSmall as exc:
             raise ConfigError(
                 f"{cell.scheme.where} at budget {cell.budget}, {name} feature of {cell.dataset.label} "
-                f"({feature.num_ids:,} IDs): {exc}"
+                f"({feature.vocabulary:,} IDs): {exc}"
             ) from None
         except ValueError as exc:
             raise ConfigError(f"{cell.scheme.where}: {exc}") from None
     return plans
 
 
-def _check_model_entry(entry: Entry) -> None:
+def memory_refusal(plans: dict[str, SchemePlan], available: int | None) -> str | None:
+    """Why the cell's embeddings cannot be trained in ``available`` bytes, or None when they fit."""
+    size = sum(plan.size_bytes for plan in plans.values())
+    needed = size * TRAINING_MEMORY_FACTOR
+    if available is None or needed <= available:
+        return None
+    return (
+        f"refused before building: the embeddings store {size / 1e9:.2f} GB, about {needed / 1e9:.1f} GB while "
+        f"training (weights, gradients, Adam moments), but this machine has {available / 1e9:.1f} GB available; "
+        "use a smaller vocabulary or budget, or a compressed scheme"
+    )
+
+
+def _check_model_entry(entry: Entry, task: Task, dim: int) -> None:
     reserved = set(entry.params) & set(RESERVED_ARGUMENTS)
     if reserved:
         raise ConfigError(f"{entry.where}: '{sorted(reserved)[0]}' is set by embbench and cannot be a model parameter")
     model_class = registry.get_plugin("models", entry.name)
+    if not (isinstance(model_class, type) and issubclass(model_class, task.model_api)):
+        raise ConfigError(
+            f"{entry.where}: model '{entry.name}' is not a {task.model_api.__name__}, which task "
+            f"'{type(task).__name__}' trains; see `embbench list models`"
+        )
     registry.check_params("models", entry.name, entry.params, entry.where)
-    dim_probe = torch.nn.Embedding(1, 2)
     try:
-        model_class(dim_probe, dim_probe, 2, **entry.params)
+        task.probe_model(model_class, dim, dict(entry.params))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{entry.where}: {exc}") from None
 
@@ -108,27 +124,42 @@ def _check_model_entry(entry: Entry) -> None:
 def prepare(name_or_path: str, data_dir: str | Path | None = None, quick: bool = False) -> PreparedSuite:
     """Parse and fully validate a suite; load and split its datasets; plan every cell."""
     suite = parse_suite(find_suite(name_or_path), quick=quick)
+    settings = suite.settings
+    task_name = settings["task"]
+    task: Task = registry.create("tasks", task_name, where=f"{suite.path}: task")
+    if settings["early_stopping"] not in task.early_stopping:
+        raise ConfigError(
+            f"{suite.path}: early_stopping '{settings['early_stopping']}' is not a metric of task '{task_name}'; "
+            f"use one of {', '.join(task.early_stopping)}"
+        )
     for entry in suite.schemes:
         registry.create("schemes", entry.name, where=entry.where, **entry.params)
     for entry in suite.models:
-        _check_model_entry(entry)
-    splits, features = {}, {}
+        _check_model_entry(entry, task, settings["dim"])
+    data = {}
     for entry in suite.datasets:
         registry.check_params("datasets", entry.name, entry.params, entry.where)
         dataset = registry.create("datasets", entry.name, where=entry.where, data_dir=data_dir, **entry.params)
         try:
-            splits[entry.label] = prepare_split(dataset)
+            data[entry.label] = task.prepare(dataset, settings["dim"])
         except EmbbenchError as exc:
             raise type(exc)(f"{entry.where}: {exc}") from None
-        features[entry.label] = features_of(splits[entry.label], suite.settings["dim"], dataset.item_side_features())
     cells = suite.cells()
     plans: dict[str, dict[str, SchemePlan]] = {}
+    refused: dict[str, str] = {}
+    available = available_memory_bytes()
     for cell in cells:  # cells of one training run share the fp32 cell's plan
         trained_key = cell.trained.key
         if trained_key not in plans:
-            plans[trained_key] = plan_cell(cell, features[cell.dataset.label])
+            plans[trained_key] = plan_cell(cell, data[cell.dataset.label].features)
+            if cell.device != "cuda":  # GPU memory is checked when the cell runs, on its device
+                reason = memory_refusal(plans[trained_key], available)
+                if reason is not None:
+                    refused[trained_key] = reason
         plans[cell.key] = plans[trained_key]
-    return PreparedSuite(suite, cells, splits, plans, features)
+        if trained_key in refused:
+            refused[cell.key] = refused[trained_key]
+    return PreparedSuite(suite, cells, task, data, plans, refused)
 
 
 def resolve_device(name: str) -> tuple[torch.device | None, str | None]:
@@ -144,37 +175,45 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(
-    cell: Cell,
-    split: Split,
-    features: dict[str, FeatureSpec],
-    plans: dict[str, SchemePlan],
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate one cell; returns the store record (status ok, failed or skipped)."""
-    return run_cells([cell], split, features, plans, on_epoch)[0]
+@contextlib.contextmanager
+def table_backend_of(cell: Cell) -> Iterator[None]:
+    """Tables built inside use the cell's backend (``auto`` leaves the environment's choice)."""
+    if cell.backend == DEFAULT_BACKEND:
+        yield
+        return
+    previous = os.environ.get("EMBBENCH_TABLE_BACKEND")
+    os.environ["EMBBENCH_TABLE_BACKEND"] = cell.backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("EMBBENCH_TABLE_BACKEND", None)
+        else:
+            os.environ["EMBBENCH_TABLE_BACKEND"] = previous
 
 
 def run_cells(
     cells: Sequence[Cell],
-    split: Split,
-    features: dict[str, FeatureSpec],
+    task: Task,
+    data: TaskData,
     plans: dict[str, SchemePlan],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    refusal: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train the cells' shared fp32 model once and evaluate it at each cell's precision; one store record per
-    cell, in order. ``cells`` must differ only in precision."""
+    cell, in order. ``cells`` must differ only in precision. With a ``refusal``, nothing is built and every
+    cell is stored as skipped with that reason."""
     trained_cell = cells[0].trained
     if any(cell.trained != trained_cell for cell in cells):
         raise ValueError("run_cells takes cells that differ only in precision")
-    record, model = _train_cell(trained_cell, split, features, plans, on_epoch)
-    task = RankingTask(split) if model is not None and any(c.precision != BASE_PRECISION for c in cells) else None
-    records = []
-    for cell in cells:
-        if cell.precision == BASE_PRECISION:
-            records.append(record)
-        else:
-            records.append(_quantized_record(cell, record, model, split, task))
+    with table_backend_of(trained_cell):
+        record, model = _train_cell(trained_cell, task, data, plans, on_epoch, refusal)
+        records = []
+        for cell in cells:
+            if cell.precision == BASE_PRECISION:
+                records.append(record)
+            else:
+                records.append(_quantized_record(cell, record, model, task, data))
     return records
 
 
@@ -182,6 +221,7 @@ def _base_record(cell: Cell, features: dict[str, FeatureSpec], plans: dict[str, 
     return {
         "cell_key": cell.key,
         "suite": cell.suite,
+        "task": cell.task,
         "dataset": cell.dataset.label,
         "model": cell.model.label,
         "scheme": cell.scheme.name,
@@ -194,7 +234,7 @@ def _base_record(cell: Cell, features: dict[str, FeatureSpec], plans: dict[str, 
         "plan_json": {name: {"params": p.params, "size_bytes": p.size_bytes} for name, p in plans.items()},
         "size_bytes": sum(p.size_bytes for p in plans.values()),
         "budget_bytes": sum(p.budget_bytes for p in plans.values()),
-        "full_bytes": sum(full_table_bytes(f.num_ids, f.dim) for f in features.values()),
+        "full_bytes": sum(full_table_bytes(f.vocabulary, f.dim) for f in features.values()),
         "git_commit": git_commit(),
         "host": host(),
         "threads": torch.get_num_threads(),
@@ -202,19 +242,34 @@ def _base_record(cell: Cell, features: dict[str, FeatureSpec], plans: dict[str, 
     }
 
 
+def _latency_record(
+    model: nn.Module, task: Task, data: TaskData, device: torch.device, batch_sizes: Sequence[int]
+) -> dict[str, Any]:
+    modules = model.embedding_modules()
+    pools = {name: (modules[name], torch.as_tensor(feature.ids)) for name, feature in data.features.items()}
+    latency = measure_cell_latency(pools, model, task.model_batch(data, max(batch_sizes), device), device, batch_sizes)
+    return {
+        "latency_json": latency,
+        "embedding_latency_ms": embedding_latency_ms(latency, list(pools)),
+        "model_latency_ms": latency["model"]["median_ms"],
+    }
+
+
 def _train_cell(
     cell: Cell,
-    split: Split,
-    features: dict[str, FeatureSpec],
+    task: Task,
+    data: TaskData,
     plans: dict[str, SchemePlan],
     on_epoch: Callable[[dict[str, float]], None] | None,
-) -> tuple[dict[str, Any], RecModel | None]:
+    refusal: str | None = None,
+) -> tuple[dict[str, Any], nn.Module | None]:
     """The fp32 cell's record, and its trained model (None unless the record is ok)."""
     started = time.perf_counter()
+    features = data.features
     record = _base_record(cell, features, plans)
     device, reason = resolve_device(cell.device)
-    if device is None:
-        record.update(status="skipped", error=reason, finished_at=_now(), wall_seconds=0.0)
+    if device is None or refusal is not None:
+        record.update(status="skipped", error=reason or refusal, finished_at=_now(), wall_seconds=0.0)
         return record, None
     record.update(device_name=device_name(device), environment_json=environment(device))
     model = None
@@ -229,19 +284,16 @@ def _train_cell(
             embeddings[name] = module
         torch.manual_seed(cell.seed)
         model_class = registry.get_plugin("models", cell.model.name)
-        model = model_class(embeddings["user"], embeddings["item"], cell.dim, **cell.model.params)
-        record["peak_memory_bytes"] = _embedding_memory(model, split, device, memory_before)
+        model = task.build_model(model_class, embeddings, data, cell.dim, dict(cell.model.params))
+        record["peak_memory_bytes"] = _embedding_memory(model, features, device, memory_before)
         record["dense_bytes"] = model.dense_size_bytes()
         record["table_backend"] = table_backend()
         config = TrainConfig(**cell.training)
-        result = train_and_evaluate(model, split, config, cell.seed, device, on_epoch=on_epoch)
+        result = task.fit(model, data, config, cell.seed, device, on_epoch=on_epoch)
         record.update(
             status="ok",
-            test_auc=result.test.get("auc"),
-            test_hr10=result.test.get("hr@10"),
-            test_ndcg10=result.test.get("ndcg@10"),
-            val_auc=result.validation.get("auc"),
-            val_hr10=result.validation.get("hr@10"),
+            **metric_record("test", result.test),
+            **metric_record("val", result.validation),
             train_seconds=result.train_seconds,
             eval_seconds=result.eval_seconds,
             epochs_run=len(result.history),
@@ -250,15 +302,7 @@ def _train_cell(
             train_examples_per_second=result.examples_per_second,
         )
         if cell.latency_batch_sizes:
-            latency = measure_cell_latency(
-                model, torch.as_tensor(split.users), torch.as_tensor(split.items), device, cell.latency_batch_sizes
-            )
-            record.update(
-                latency_json=latency,
-                embedding_latency_ms=latency["user_embedding"][-1]["median_ms"]
-                + latency["item_embedding"][-1]["median_ms"],
-                model_latency_ms=latency["model"]["median_ms"],
-            )
+            record.update(_latency_record(model, task, data, device, cell.latency_batch_sizes))
     except Exception:  # one failing cell must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
         model = None
@@ -268,14 +312,14 @@ def _train_cell(
 
 # Fields a quantised row takes from its training run: what was trained, and how; not how it scores.
 _SHARED_FIELDS = (
-    "suite", "dataset", "model", "scheme", "budget", "device", "seed", "plan_json", "size_bytes", "budget_bytes",
-    "full_bytes", "git_commit", "host", "threads", "device_name", "environment_json", "dense_bytes",
+    "suite", "task", "dataset", "model", "scheme", "budget", "device", "seed", "plan_json", "size_bytes",
+    "budget_bytes", "full_bytes", "git_commit", "host", "threads", "device_name", "environment_json", "dense_bytes",
     "table_backend", "train_seconds", "epochs_run", "best_epoch", "history_json", "train_examples_per_second",
 )
 
 
 def _quantized_record(
-    cell: Cell, trained: dict[str, Any], model: RecModel | None, split: Split, task: RankingTask | None
+    cell: Cell, trained: dict[str, Any], model: nn.Module | None, task: Task, data: TaskData
 ) -> dict[str, Any]:
     """The record of ``cell``: the trained model's tables quantised to ``cell.precision``, evaluated again."""
     started = time.perf_counter()
@@ -292,41 +336,29 @@ def _quantized_record(
         record.update(status=trained["status"], error=where + str(trained.get("error")), finished_at=_now(),
                       wall_seconds=0.0)
         return record
-    assert task is not None
     device, _ = resolve_device(cell.device)
     assert device is not None
     try:
         quantized = quantize_tables(model, cell.precision)  # a copy; the dense layers are not quantised
-        sizes = {name: quantized_size_bytes(getattr(quantized, f"{name}_embedding")) for name in FEATURES}
+        modules = quantized.embedding_modules()
+        sizes = {name: quantized_size_bytes(modules[name]) for name in data.features}
         record["plan_json"] = {
             name: {**plan, "size_bytes": sizes[name], "fp32_size_bytes": plan["size_bytes"]}
             for name, plan in trained["plan_json"].items()
         }
         record["size_bytes"] = sum(sizes.values())
         evaluated = time.perf_counter()
-        batch_users = TrainConfig(**cell.training).eval_batch_users
-        test = evaluate(quantized, task, "test", device, batch_users)
-        validation = evaluate(quantized, task, "validation", device, batch_users)
+        config = TrainConfig(**cell.training)
+        test = task.evaluate(quantized, data, "test", device, config)
+        validation = task.evaluate(quantized, data, "validation", device, config)
         record.update(
             status="ok",
-            test_auc=test.get("auc"),
-            test_hr10=test.get("hr@10"),
-            test_ndcg10=test.get("ndcg@10"),
-            val_auc=validation.get("auc"),
-            val_hr10=validation.get("hr@10"),
+            **metric_record("test", test),
+            **metric_record("val", validation),
             eval_seconds=time.perf_counter() - evaluated,
         )
         if cell.latency_batch_sizes:
-            latency = measure_cell_latency(
-                quantized, torch.as_tensor(split.users), torch.as_tensor(split.items), device,
-                cell.latency_batch_sizes,
-            )
-            record.update(
-                latency_json=latency,
-                embedding_latency_ms=latency["user_embedding"][-1]["median_ms"]
-                + latency["item_embedding"][-1]["median_ms"],
-                model_latency_ms=latency["model"]["median_ms"],
-            )
+            record.update(_latency_record(quantized, task, data, device, cell.latency_batch_sizes))
     except QuantizationUnavailable as exc:  # a property of the scheme or the installation: not run again
         record.update(status="skipped", error=str(exc), size_bytes=None)
     except Exception:  # one failing precision must not stop the sweep; its traceback is kept
@@ -342,21 +374,25 @@ def _memory_in_use(device: torch.device) -> int | None:
     return resident_bytes()
 
 
-def _embedding_memory(model: Any, split: Split, device: torch.device, before: int | None) -> int | None:
+def _embedding_memory(
+    model: nn.Module, features: dict[str, FeatureSpec], device: torch.device, before: int | None
+) -> int | None:
     """Peak memory of building the embeddings and one training step of a 4096-ID batch through each: bytes
     allocated on a GPU; the growth of the process's resident set on a CPU (an estimate: freed memory that
     the allocator keeps, or reuses, blurs it)."""
     if before is None:
         return None
     model.to(device)
-    for module, pool in ((model.user_embedding, split.users), (model.item_embedding, split.items)):
+    modules = model.embedding_modules()
+    for name, feature in features.items():
+        module = modules[name]
         # The probe step must leave no trace in training: restore buffers (e.g. BatchNorm statistics).
-        buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
-        ids = torch.as_tensor(pool[:4096]).to(device)
+        buffers = {key: buffer.clone() for key, buffer in module.named_buffers()}
+        ids = torch.as_tensor(feature.ids[:4096]).to(device)
         module(ids).sum().backward()
         with torch.no_grad():
-            for name, buffer in module.named_buffers():
-                buffer.copy_(buffers[name])
+            for key, buffer in module.named_buffers():
+                buffer.copy_(buffers[key])
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device) - before)
@@ -391,10 +427,11 @@ def run_suite(
 
         records = run_cells(
             cells,
-            prepared.splits[trained.dataset.label],
-            prepared.features[trained.dataset.label],
+            prepared.task,
+            prepared.data[trained.dataset.label],
             prepared.plans[trained.key],
             on_epoch=show,
+            refusal=prepared.refused.get(trained.key),
         )
         for cell, record in zip(cells, records, strict=True):
             store.write(record)

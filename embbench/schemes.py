@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -41,6 +42,9 @@ class FeatureSpec:
     ``ids`` are the distinct raw IDs of the training split, sorted; ``counts`` their frequencies in it;
     ``side`` optional side features, float32 [len(ids), s] aligned with ``ids`` (e.g. an item's genres), that
     schemes may use as input (DHE's side-feature encoding); like the ID itself, they are input data, not state.
+    ``vocabulary_size`` is the feature's declared cardinality where the data knows it (a generator's
+    vocabulary, larger than the IDs a training sample happens to contain); budget fractions and the full
+    table refer to it. Without it, the vocabulary is the training IDs.
     """
 
     name: str
@@ -48,6 +52,7 @@ class FeatureSpec:
     counts: np.ndarray
     dim: int
     side: np.ndarray | None = None
+    vocabulary_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -56,10 +61,21 @@ class FeatureSpec:
             raise ValueError("ids and counts must have the same length")
         if self.side is not None and (self.side.ndim != 2 or len(self.side) != len(self.ids)):
             raise ValueError(f"side features must be [len(ids), s], got shape {self.side.shape}")
+        if self.vocabulary_size is not None and self.vocabulary_size < len(self.ids):
+            raise ValueError(
+                f"feature '{self.name}': vocabulary_size {self.vocabulary_size:,} is smaller than the "
+                f"{len(self.ids):,} distinct training IDs"
+            )
 
     @property
     def num_ids(self) -> int:
+        """The distinct training IDs."""
         return int(len(self.ids))
+
+    @property
+    def vocabulary(self) -> int:
+        """The feature's cardinality: ``vocabulary_size`` where declared, else the distinct training IDs."""
+        return int(self.vocabulary_size) if self.vocabulary_size is not None else self.num_ids
 
     @classmethod
     def from_vocabulary(cls, name: str, num_ids: int, dim: int) -> FeatureSpec:
@@ -114,6 +130,22 @@ class Budget:
             return self.absolute_bytes
         assert self.fraction is not None
         return math.floor(full_table_bytes(num_ids, dim) * self.fraction)
+
+    def allocate(self, features: Mapping[str, FeatureSpec]) -> dict[str, int]:
+        """Bytes for each feature when the budget applies to the sum over ``features``.
+
+        A fraction applies to each feature's full table alike. Absolute bytes are shared in proportion to the
+        features' full-table sizes, so every feature is compressed by the same ratio (and no feature gets more
+        than its full table when the budget exceeds their sum).
+        """
+        if self.fraction is not None:
+            return {name: self.resolve(f.vocabulary, f.dim) for name, f in features.items()}
+        assert self.absolute_bytes is not None
+        full = {name: full_table_bytes(f.vocabulary, f.dim) for name, f in features.items()}
+        total = sum(full.values())
+        if self.absolute_bytes >= total:
+            return full
+        return {name: self.absolute_bytes * size // total for name, size in full.items()}
 
     def __str__(self) -> str:
         if self.absolute_bytes is not None:

@@ -26,6 +26,7 @@ SCHEMA_VERSION = 1
 COLUMNS: dict[str, str] = {
     "cell_key": "TEXT PRIMARY KEY",
     "suite": "TEXT NOT NULL",
+    "task": "TEXT",
     "dataset": "TEXT NOT NULL",
     "model": "TEXT NOT NULL",
     "scheme": "TEXT NOT NULL",
@@ -44,6 +45,9 @@ COLUMNS: dict[str, str] = {
     "test_ndcg10": "REAL",
     "val_auc": "REAL",
     "val_hr10": "REAL",
+    "val_ndcg10": "REAL",
+    "test_logloss": "REAL",
+    "val_logloss": "REAL",
     "train_seconds": "REAL",
     "eval_seconds": "REAL",
     "wall_seconds": "REAL",

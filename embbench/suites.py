@@ -20,15 +20,21 @@ import tomllib
 from embbench.errors import ConfigError, closest
 from embbench.quantization import PRECISIONS
 from embbench.schemes import Budget
+from embbench.training import EARLY_STOPPING_METRICS
 
 DEVICES = ("cpu", "cuda", "auto")
+BACKENDS = ("auto", "torchrec", "torch")
 BASE_PRECISION = "fp32"
+DEFAULT_TASK = "ranking"
+DEFAULT_BACKEND = "auto"
 
 # key -> (expected python types, description); the schema of the top level of a suite file
 TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "name": ((str,), "suite name (defaults to the file name)"),
     "description": ((str,), "what the suite measures"),
     "reference": ((str,), "what the suite reproduces (paper, table)"),
+    "task": ((str,), "what is learned and scored: ranking (default), rating-classification, ctr"),
+    "backends": ((list,), "table backends: auto (default), torchrec, torch"),
     "epochs": ((int,), "maximum training epochs"),
     "seeds": ((list,), "random seeds, one cell each"),
     "devices": ((list,), "devices: cpu, cuda, auto"),
@@ -38,7 +44,7 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "learning_rate": ((float, int), "Adam learning rate"),
     "num_negatives": ((int,), "sampled negatives per positive"),
     "patience": ((int,), "epochs without validation improvement before stopping"),
-    "early_stopping": ((str,), "validation metric for early stopping: auc or hr@10"),
+    "early_stopping": ((str,), "validation metric for early stopping: auc, hr@10 (ranking) or logloss"),
     "latency_batch_sizes": ((list,), "batch sizes of the inference latency measurement; [] skips it"),
     "precisions": ((list,), "table precisions evaluated after training: fp32, fp16, int8, int4"),
     "datasets": ((list,), "[[datasets]] entries"),
@@ -64,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping": "auc",
     "latency_batch_sizes": [1, 128, 4096],
     "precisions": [BASE_PRECISION],
+    "task": DEFAULT_TASK,
+    "backends": [DEFAULT_BACKEND],
 }
 TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "num_negatives", "patience", "early_stopping")
 
@@ -100,6 +108,8 @@ class Cell:
     # What is measured after training; not part of the key, since it does not change what is trained.
     latency_batch_sizes: tuple[int, ...] = (1, 128, 4096)
     precision: str = BASE_PRECISION
+    task: str = DEFAULT_TASK
+    backend: str = DEFAULT_BACKEND
 
     def config(self) -> dict[str, Any]:
         config = {
@@ -113,8 +123,13 @@ class Cell:
             "dim": self.dim,
             "training": self.training,
         }
-        if self.precision != BASE_PRECISION:  # fp32 cells keep the keys they had before precisions existed
+        # Axes added later appear only when not at their default, so earlier results keep their keys.
+        if self.precision != BASE_PRECISION:
             config["precision"] = self.precision
+        if self.task != DEFAULT_TASK:
+            config["task"] = self.task
+        if self.backend != DEFAULT_BACKEND:
+            config["backend"] = self.backend
         return config
 
     @property
@@ -135,7 +150,10 @@ class Cell:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     def describe(self) -> str:
-        return f"{self.dataset.label}/{self.model.label}/{self.label}@{self.budget}/{self.device}/seed{self.seed}"
+        backend = "" if self.backend == DEFAULT_BACKEND else f"/{self.backend}"
+        return (
+            f"{self.dataset.label}/{self.model.label}/{self.label}@{self.budget}/{self.device}{backend}/seed{self.seed}"
+        )
 
 
 @dataclass
@@ -157,12 +175,12 @@ class Suite:
         for dataset, model, scheme in itertools.product(self.datasets, self.models, self.schemes):
             budgets = scheme.budgets or tuple(s["budgets"])
             # precision varies fastest, so the cells sharing one training run are adjacent
-            for budget, device, seed, precision in itertools.product(
-                budgets, s["devices"], s["seeds"], s["precisions"]
+            for budget, device, backend, seed, precision in itertools.product(
+                budgets, s["devices"], s["backends"], s["seeds"], s["precisions"]
             ):
                 cells.append(Cell(
                     self.name, dataset, model, scheme, budget, device, seed, s["dim"], training,
-                    tuple(s["latency_batch_sizes"]), precision,
+                    tuple(s["latency_batch_sizes"]), precision, s["task"], backend,
                 ))
         return cells
 
@@ -258,7 +276,7 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
     settings.update({k: v for k, v in raw.items() if k in DEFAULTS})
     if quick:
         overrides = raw.get("quick", {})
-        allowed = set(DEFAULTS)
+        allowed = set(DEFAULTS) - {"task"}
         _check_keys(overrides, allowed, where, "[quick]")
         for key, value in overrides.items():
             _check_type(value, TOP_LEVEL[key][0], where, f"quick.{key}")
@@ -270,9 +288,13 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
             raise ConfigError(f"{where}: '{key}' must be >= 1, got {settings[key]}")
     if settings["learning_rate"] <= 0:
         raise ConfigError(f"{where}: 'learning_rate' must be > 0, got {settings['learning_rate']}")
-    if settings["early_stopping"] not in ("auc", "hr@10"):
-        raise ConfigError(f"{where}: 'early_stopping' must be 'auc' or 'hr@10', got '{settings['early_stopping']}'")
-    for key in ("seeds", "devices", "budgets", "precisions"):  # latency_batch_sizes may be empty: no latency
+    if settings["early_stopping"] not in EARLY_STOPPING_METRICS:
+        raise ConfigError(
+            f"{where}: 'early_stopping' must be one of {', '.join(EARLY_STOPPING_METRICS)}, "
+            f"got '{settings['early_stopping']}'"
+        )
+    # latency_batch_sizes may be empty: no latency
+    for key in ("seeds", "devices", "budgets", "precisions", "backends"):
         if not settings[key]:
             raise ConfigError(f"{where}: '{key}' must not be empty")
     for seed in settings["seeds"]:
@@ -291,6 +313,12 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
             raise ConfigError(
                 f"{where}: unknown precision {precision!r}{closest(str(precision), PRECISIONS)}; "
                 f"use {', '.join(PRECISIONS)}"
+            )
+    for backend in settings["backends"]:
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"{where}: unknown table backend {backend!r}{closest(str(backend), BACKENDS)}; "
+                f"use {', '.join(BACKENDS)}"
             )
     if len(set(settings["precisions"])) != len(settings["precisions"]):
         raise ConfigError(f"{where}: 'precisions' lists a precision twice: {settings['precisions']}")

@@ -1,9 +1,11 @@
-"""Training with sampled negatives and early stopping; evaluation by ranking the full item catalogue.
+"""Training with early stopping (:func:`fit`, shared by every task), and the ranking task's pieces: sampled
+negatives and evaluation by ranking the full item catalogue.
 
-Training: each training interaction is a positive; each epoch draws ``num_negatives`` items per positive
-uniformly from the catalogue; binary cross-entropy; Adam. After every epoch the validation item of each
-user is ranked against all catalogue items the user has not interacted with; training stops when the
-validation metric has not improved for ``patience`` epochs, and the best epoch's weights are tested.
+:func:`fit` trains on the rows an epoch provides with binary cross-entropy and Adam, evaluates validation
+after every epoch, stops when the validation metric has not improved for ``patience`` epochs, and tests the
+best epoch's weights. For ranking, each training interaction is a positive and each epoch draws
+``num_negatives`` items per positive uniformly from the catalogue; the validation item of each user is
+ranked against all catalogue items the user has not interacted with.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from embbench.data import Split
 from embbench.metrics import RankingAccumulator
 from embbench.models import RecModel
 
+#: validation metrics training can stop on; logloss is the one where lower is better
+EARLY_STOPPING_METRICS = ("auc", "hr@10", "logloss")
+LOWER_IS_BETTER = ("logloss",)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -30,7 +36,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     num_negatives: int = 4
     patience: int = 2
-    early_stopping: str = "auc"  # the validation metric: "auc" or "hr@10"
+    early_stopping: str = "auc"  # the validation metric: "auc", "hr@10" (ranking) or "logloss"
     eval_batch_users: int = 1024
 
     def __post_init__(self) -> None:
@@ -45,8 +51,10 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.early_stopping not in ("auc", "hr@10"):
-            raise ValueError(f"early_stopping must be 'auc' or 'hr@10', got '{self.early_stopping}'")
+        if self.early_stopping not in EARLY_STOPPING_METRICS:
+            raise ValueError(
+                f"early_stopping must be one of {', '.join(EARLY_STOPPING_METRICS)}, got '{self.early_stopping}'"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,54 +128,53 @@ def evaluate(model: RecModel, task: RankingTask, which: str, device: torch.devic
     return accumulator.result()
 
 
-def train_and_evaluate(
-    model: RecModel,
-    split: Split,
+#: an epoch's training rows: the model's input tensors (row-aligned) and the 0/1 labels
+EpochRows = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+def fit(
+    model: nn.Module,
+    epoch_rows: Callable[[torch.Generator], EpochRows],
+    evaluate_split: Callable[[str], dict[str, float]],
     config: TrainConfig,
     seed: int,
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``split.train``, early-stop on validation, test the best epoch."""
+    """Train ``model`` on the rows ``epoch_rows`` gives each epoch, in shuffled mini-batches
+    (``model(*inputs)`` gives logits); early-stop on ``evaluate_split("validation")``; test the best epoch."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_fn = nn.BCEWithLogitsLoss()
-    task = RankingTask(split)
-    train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
-    train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
-    negatives_per = config.num_negatives
+    sign = -1.0 if config.early_stopping in LOWER_IS_BETTER else 1.0
+    embeddings = model.embedding_modules().values() if hasattr(model, "embedding_modules") else ()
     result = TrainResult()
     best_score, best_state, stale = -np.inf, None, 0
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        negative_cols = torch.randint(
-            0, task.num_items, (len(train_items) * negatives_per,), generator=generator
-        )
-        users = torch.cat((train_users, train_users.repeat_interleave(negatives_per)))
-        items = torch.cat((train_items, task.items[negative_cols]))
-        labels = torch.cat((torch.ones(len(train_items)), torch.zeros(len(negative_cols))))
-        order = torch.randperm(len(users), generator=generator)
+        inputs, labels = epoch_rows(generator)
+        order = torch.randperm(len(labels), generator=generator)
         total_loss, batches = 0.0, 0
         for batch in order.split(config.batch_size):
-            logits = model(users[batch].to(device), items[batch].to(device))
+            logits = model(*(tensor[batch].to(device) for tensor in inputs))
             loss = loss_fn(logits, labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item()
             batches += 1
-        for embedding in (model.user_embedding, model.item_embedding):
+        for embedding in embeddings:
             hook = getattr(embedding, "on_epoch_end", None)
             if callable(hook):  # e.g. CCE re-clusters its tables between epochs
                 hook(epoch)
         train_seconds = time.perf_counter() - started
         result.train_seconds += train_seconds
-        result.train_examples += len(users)
+        result.train_examples += len(labels)
         started = time.perf_counter()
-        validation = evaluate(model, task, "validation", device, config.eval_batch_users)
+        validation = evaluate_split("validation")
         result.eval_seconds += time.perf_counter() - started
         record = {
             "epoch": epoch,
@@ -178,7 +185,7 @@ def train_and_evaluate(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        score = validation[config.early_stopping]
+        score = sign * validation[config.early_stopping]
         if score > best_score:
             best_score, stale = score, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -189,5 +196,35 @@ def train_and_evaluate(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    result.test = evaluate(model, task, "test", device, config.eval_batch_users)
+    started = time.perf_counter()
+    result.test = evaluate_split("test")
+    result.eval_seconds += time.perf_counter() - started
     return result
+
+
+def train_and_evaluate(
+    model: RecModel,
+    split: Split,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Ranking: train ``model`` on ``split.train`` with sampled negatives, early-stop on validation, test the
+    best epoch."""
+    task = RankingTask(split)
+    train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
+    train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
+    negatives_per = config.num_negatives
+
+    def epoch_rows(generator: torch.Generator) -> EpochRows:
+        negative_cols = torch.randint(0, task.num_items, (len(train_items) * negatives_per,), generator=generator)
+        users = torch.cat((train_users, train_users.repeat_interleave(negatives_per)))
+        items = torch.cat((train_items, task.items[negative_cols]))
+        labels = torch.cat((torch.ones(len(train_items)), torch.zeros(len(negative_cols))))
+        return (users, items), labels
+
+    def evaluate_split(which: str) -> dict[str, float]:
+        return evaluate(model, task, which, device, config.eval_batch_users)
+
+    return fit(model, epoch_rows, evaluate_split, config, seed, device, on_epoch)

@@ -123,9 +123,8 @@ def test_item_features_carry_side_features_aligned_with_their_ids():
     import numpy as np
     import pandas as pd
 
-    from embbench.data import prepare_split
+    from embbench.data import features_of, prepare_split
     from embbench.registry import create_dataset
-    from embbench.runner import features_of
 
     split = prepare_split(create_dataset("synthetic", num_users=50, num_items=40, interactions_per_user=5))
     item_ids, _ = split.feature_counts("item")

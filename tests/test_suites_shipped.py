@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from embbench import registry
-from embbench.data import prepare_split
+from embbench.data import features_of, prepare_split
 from embbench.errors import BudgetTooSmall
-from embbench.runner import features_of, prepare
+from embbench.runner import prepare
 from embbench.schemes import Budget
 from embbench.suites import builtin_suites, parse_suite
 

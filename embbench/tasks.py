@@ -1,0 +1,88 @@
+"""The task API: what is learned from a dataset, with which kind of model, and how it is scored.
+
+A task plugin (entry-point group ``embbench.tasks``) turns a dataset into :class:`TaskData` (the categorical
+features every scheme instance is planned for, and whatever the task trains and evaluates on), builds the
+model from a model plugin and one embedding module per feature, trains it with early stopping, and scores
+held-out rows. The runner knows nothing else about tasks: ranking, rating classification and click-through
+are plugins like schemes, datasets and models.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from embbench.data import Dataset
+from embbench.schemes import FeatureSpec
+from embbench.training import TrainConfig, TrainResult
+
+#: the results store has a column for each of these metrics, test_ and val_ prefixed
+METRIC_COLUMNS = {"auc": "auc", "hr@10": "hr10", "ndcg@10": "ndcg10", "logloss": "logloss"}
+
+
+@dataclass
+class TaskData:
+    """A dataset prepared for a task: the features schemes are planned for, and the task's own payload."""
+
+    features: dict[str, FeatureSpec]
+    payload: Any
+    summary: dict[str, int] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """Base class of task plugins."""
+
+    #: one-line description shown by ``embbench list tasks``
+    summary: ClassVar[str] = ""
+    #: the base class model plugins of this task derive from (RecModel or CTRModel)
+    model_api: ClassVar[type]
+    #: metric names ``evaluate`` returns (keys of METRIC_COLUMNS)
+    metrics: ClassVar[tuple[str, ...]]
+    #: metrics training may early-stop on
+    early_stopping: ClassVar[tuple[str, ...]] = ("auc",)
+
+    @abstractmethod
+    def prepare(self, dataset: Dataset, dim: int) -> TaskData:
+        """Load and split ``dataset``; raise ConfigError in one line when the dataset does not suit the task."""
+
+    @abstractmethod
+    def build_model(
+        self, model_class: type, embeddings: Mapping[str, nn.Module], data: TaskData, dim: int, params: dict
+    ) -> nn.Module:
+        """The model: ``model_class`` around the features' embedding modules."""
+
+    @abstractmethod
+    def fit(
+        self,
+        model: nn.Module,
+        data: TaskData,
+        config: TrainConfig,
+        seed: int,
+        device: torch.device,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+    ) -> TrainResult:
+        """Train with early stopping on validation; the result holds validation and test metrics."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, data: TaskData, which: str, device: torch.device, config: TrainConfig
+    ) -> dict[str, float]:
+        """The metrics of ``model`` on the held-out ``which`` ('validation' or 'test') rows."""
+
+    @abstractmethod
+    def model_batch(self, data: TaskData, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Inputs of one inference batch for ``model(*inputs)`` (full-model latency)."""
+
+    @abstractmethod
+    def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
+        """``model_class`` built around stand-in embeddings, to check its parameters before any data loads."""
+
+
+def metric_record(prefix: str, metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """Store columns (``test_auc``, ``val_logloss``, ...) of a metrics dict; metrics a task lacks are None."""
+    return {f"{prefix}_{column}": metrics.get(name) for name, column in METRIC_COLUMNS.items()}

@@ -1,0 +1,1 @@
+"""Built-in tasks: what is learned from a dataset and how it is scored."""
