@@ -136,7 +136,7 @@ class RatingClassification(_Classification):
         payload = {
             name: Rows(
                 (torch.tensor(rows["user"].to_numpy()), torch.tensor(rows["item"].to_numpy())),
-                torch.as_tensor(rows["label"].to_numpy(dtype=np.float32)),
+                torch.tensor(rows["label"].to_numpy(dtype=np.float32)),
             )
             for name, rows in splits.items()
         }
