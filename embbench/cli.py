@@ -159,7 +159,7 @@ RESULT_FIELDS = [
     "device", "device_name", "seed", "status", "test_auc", "test_hr10", "test_ndcg10", "val_auc", "val_hr10",
     "train_seconds", "eval_seconds", "epochs_run", "best_epoch", "table_backend", "threads", "git_commit",
     "finished_at", "error", "task", "precision", "test_logloss", "val_logloss", "peak_memory_bytes",
-    "train_examples_per_second", "embedding_latency_ms", "model_latency_ms",
+    "train_examples_per_second", "embedding_latency_ms", "model_latency_ms", "peak_rss_bytes",
 ]
 
 

@@ -93,15 +93,34 @@ def model_latency(
         model.train(was_training)
 
 
-def resident_bytes() -> int | None:
-    """The process's resident set size in bytes (Linux), None where /proc is absent."""
+def _status_bytes(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size in bytes (Linux), None where /proc is absent."""
+    return _status_bytes("VmRSS:")
+
+
+def reset_peak_resident() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False where the
+    kernel does not allow it, and then :func:`peak_resident_bytes` is the peak since the process started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_resident_bytes() -> int | None:
+    """The process's peak resident set size (VmHWM) since the last :func:`reset_peak_resident`."""
+    return _status_bytes("VmHWM:")
 
 
 def measure_cell_latency(

@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 from embbench import registry
 from embbench.environment import available_memory_bytes, device_name, environment, git_commit, host
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
-from embbench.latency import embedding_latency_ms, measure_cell_latency, resident_bytes
+from embbench.latency import (
+    embedding_latency_ms,
+    measure_cell_latency,
+    peak_resident_bytes,
+    reset_peak_resident,
+    resident_bytes,
+)
 from embbench.models import RESERVED_ARGUMENTS
 from embbench.quantization import QuantizationUnavailable, quantize_tables, quantized_size_bytes
 from embbench.schemes import Budget, FeatureSpec, SchemePlan, build_embedding, full_table_bytes
@@ -275,6 +281,7 @@ def _train_cell(
     model = None
     try:
         scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
+        peak_window = reset_peak_resident()
         memory_before = _memory_in_use(device)
         embeddings = {}
         for offset, (name, feature) in enumerate(features.items()):
@@ -300,6 +307,8 @@ def _train_cell(
             best_epoch=result.best_epoch,
             history_json=result.history,
             train_examples_per_second=result.examples_per_second,
+            # the whole process (data included) while building and training this cell
+            peak_rss_bytes=peak_resident_bytes() if peak_window else None,
         )
         if cell.latency_batch_sizes:
             record.update(_latency_record(model, task, data, device, cell.latency_batch_sizes))
@@ -315,6 +324,7 @@ _SHARED_FIELDS = (
     "suite", "task", "dataset", "model", "scheme", "budget", "device", "seed", "plan_json", "size_bytes",
     "budget_bytes", "full_bytes", "git_commit", "host", "threads", "device_name", "environment_json", "dense_bytes",
     "table_backend", "train_seconds", "epochs_run", "best_epoch", "history_json", "train_examples_per_second",
+    "peak_rss_bytes",
 )
 
 

@@ -57,6 +57,7 @@ COLUMNS: dict[str, str] = {
     "model_latency_ms": "REAL",
     "train_examples_per_second": "REAL",
     "peak_memory_bytes": "INTEGER",
+    "peak_rss_bytes": "INTEGER",
     "device_name": "TEXT",
     "table_backend": "TEXT",
     "threads": "INTEGER",
