@@ -92,7 +92,7 @@ def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: boo
 @click.option("--budget", default="1", show_default=True, help="Fraction of the full table (1/4) or bytes (64MB).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Scheme hyper-parameter (repeatable).")
 @click.option("--collisions/--no-collisions", default=True, show_default=True,
-              help="Count IDs sharing their index tuple (exact; vocabularies up to 10^7).")
+              help="Count IDs sharing their index tuple (exact up to 10^7 IDs, estimated from a sample beyond).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
 def size_command(
     scheme: str, vocab: int, dim: int, budget: str, params: tuple[str, ...], collisions: bool, as_json: bool
@@ -120,10 +120,17 @@ def size_command(
     click.echo(f"unseen IDs  {result['unseen_ids']}")
     stats = result["collisions"]
     if stats is not None:
-        click.echo(
-            f"collisions  {stats['colliding_ids']:,} of {stats['num_ids']:,} IDs share their index tuple "
-            f"({stats['collision_fraction']:.4%}); {stats['distinct_tuples']:,} distinct tuples"
-        )
+        if stats.get("estimated"):
+            click.echo(
+                f"collisions  about {stats['colliding_ids']:,} of {stats['num_ids']:,} IDs share their index tuple "
+                f"({stats['collision_fraction']:.4%}; estimated from {stats['sample_ids']:,} random IDs, of which "
+                f"{stats['sample_collision_fraction']:.4%} collide)"
+            )
+        else:
+            click.echo(
+                f"collisions  {stats['colliding_ids']:,} of {stats['num_ids']:,} IDs share their index tuple "
+                f"({stats['collision_fraction']:.4%}); {stats['distinct_tuples']:,} distinct tuples"
+            )
 
 
 @main.group("run", cls=Group)

@@ -12,6 +12,7 @@ full tuples. Memory is O(n) keys plus the tuples of the shared-key IDs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,3 +86,38 @@ def collision_stats(module: nn.Module, ids: np.ndarray | torch.Tensor) -> Collis
     colliding = int((tuple_counts[tuple_inverse.reshape(-1)] > 1).sum())
     distinct = (num_ids - len(shared)) + len(tuple_counts)
     return CollisionStats(num_ids, width, distinct, colliding, colliding / num_ids)
+
+
+def estimated_collisions(
+    module: nn.Module, vocabulary: int, sample: int = MAX_EXACT_IDS, seed: int = 0
+) -> dict[str, Any]:
+    """Collision statistics over IDs 0..vocabulary-1 estimated from an exact count on a random sample.
+
+    On ``sample`` distinct IDs drawn uniformly, the exact colliding fraction f_n gives, for an index mapping
+    that spreads IDs uniformly over R tuples, R from f_n = 1 - (1 - 1/R)^(n-1); the whole vocabulary's fraction
+    is then 1 - (1 - 1/R)^(V-1). Exact for a uniform hash and 0 where the sample has no collision (a
+    dictionary); a mapping that crowds some tuples makes it an underestimate.
+    """
+    generator = np.random.default_rng(seed)
+    ids = np.unique(generator.integers(0, vocabulary, size=min(sample, vocabulary), dtype=np.int64))
+    measured = collision_stats(module, ids)
+    n, fraction = measured.num_ids, measured.collision_fraction
+    if fraction == 0.0 or n < 2:
+        estimate, tuples = 0.0, None
+    elif fraction >= 1.0:
+        estimate, tuples = 1.0, None
+    else:
+        inverse_tuples = -math.expm1(math.log1p(-fraction) / (n - 1))  # 1/R
+        estimate = -math.expm1((vocabulary - 1) * math.log1p(-inverse_tuples))
+        tuples = 1.0 / inverse_tuples
+    return {
+        "num_ids": vocabulary,
+        "tuple_width": measured.tuple_width,
+        "distinct_tuples": None,
+        "colliding_ids": round(estimate * vocabulary),
+        "collision_fraction": estimate,
+        "estimated": True,
+        "sample_ids": n,
+        "sample_collision_fraction": fraction,
+        "implied_tuples": tuples,
+    }

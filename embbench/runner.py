@@ -49,6 +49,9 @@ from embbench.training import TrainConfig
 
 #: bytes held per byte of embedding state while training: weights, gradients and Adam's two moments
 TRAINING_MEMORY_FACTOR = 4
+#: the share of the available memory a cell's embeddings may take while training; the rest is for the data,
+#: activations, the allocator's slack and the rest of the system
+MEMORY_HEADROOM = 0.8
 
 
 @dataclass
@@ -101,12 +104,13 @@ def memory_refusal(plans: dict[str, SchemePlan], available: int | None) -> str |
     """Why the cell's embeddings cannot be trained in ``available`` bytes, or None when they fit."""
     size = sum(plan.size_bytes for plan in plans.values())
     needed = size * TRAINING_MEMORY_FACTOR
-    if available is None or needed <= available:
+    if available is None or needed <= available * MEMORY_HEADROOM:
         return None
     return (
         f"refused before building: the embeddings store {size / 1e9:.2f} GB, about {needed / 1e9:.1f} GB while "
-        f"training (weights, gradients, Adam moments), but this machine has {available / 1e9:.1f} GB available; "
-        "use a smaller vocabulary or budget, or a compressed scheme"
+        f"training (weights, gradients, Adam moments), more than {MEMORY_HEADROOM:.0%} of the "
+        f"{available / 1e9:.1f} GB this machine has available; use a smaller vocabulary or budget, or a "
+        "compressed scheme"
     )
 
 

@@ -82,7 +82,8 @@ class FeatureSpec:
         """A feature whose IDs are 0..num_ids-1, each seen once (for sizing without data)."""
         if num_ids < 1:
             raise ConfigError(f"feature '{name}': vocabulary size must be >= 1, got {num_ids}")
-        return cls(name, np.arange(num_ids, dtype=np.int64), np.ones(num_ids, dtype=np.int64), dim)
+        # Every count is 1: a read-only broadcast view, so a vocabulary of 10^9 costs only its 8 GB of IDs.
+        return cls(name, np.arange(num_ids, dtype=np.int64), np.broadcast_to(np.int64(1), (num_ids,)), dim)
 
 
 def full_table_bytes(num_ids: int, dim: int) -> int:

@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 
 from embbench import registry
-from embbench.collisions import MAX_EXACT_IDS, collision_stats, has_index_tuples
+from embbench.collisions import MAX_EXACT_IDS, collision_stats, estimated_collisions, has_index_tuples
 from embbench.schemes import Budget, FeatureSpec, build_embedding, full_table_bytes
+
+#: the largest module ``size_report`` builds to count collisions
+MAX_BUILD_BYTES = 2 * 10**9
 
 
 def size_report(
@@ -24,8 +27,11 @@ def size_report(
 ) -> dict[str, Any]:
     """Resolved hyper-parameters and exact size of ``scheme`` for IDs 0..vocab-1 at ``budget``.
 
-    With ``collisions`` (and vocab <= MAX_EXACT_IDS) the module is built and the exact fraction of IDs that
-    share their full index tuple with another ID is added under ``collisions``; otherwise that key is None.
+    With ``collisions`` the module is built and the fraction of IDs that share their full index tuple with
+    another ID is added under ``collisions``: counted exactly up to MAX_EXACT_IDS IDs, estimated from an exact
+    count on a random sample of that many beyond (``estimated``: true; see ``estimated_collisions``). A module
+    that would store more than MAX_BUILD_BYTES is not built, and ``collisions`` is None, as it is without
+    ``collisions`` or for a scheme without index tuples.
     """
     instance = registry.create("schemes", scheme, where="--param", **(params or {}))
     feature = FeatureSpec.from_vocabulary("feature", vocab, dim)
@@ -43,8 +49,11 @@ def size_report(
         "unseen_ids": type(instance).unseen,
         "collisions": None,
     }
-    if collisions and vocab <= MAX_EXACT_IDS:
+    if collisions and plan.size_bytes <= MAX_BUILD_BYTES:
         module, _ = build_embedding(instance, scheme, feature, budget_bytes, seed)
         if has_index_tuples(module):
-            result["collisions"] = collision_stats(module, np.arange(vocab, dtype=np.int64)).as_dict()
+            if vocab <= MAX_EXACT_IDS:
+                result["collisions"] = collision_stats(module, np.arange(vocab, dtype=np.int64)).as_dict()
+            else:
+                result["collisions"] = estimated_collisions(module, vocab, seed=seed)
     return result

@@ -59,3 +59,22 @@ def test_size_json_reports_collisions_of_the_hashing_trick_and_none_for_full():
     assert full["colliding_ids"] == 0 and full["distinct_tuples"] == 20000
     hashed = collisions("hashing-trick", "1/16")
     assert hashed["colliding_ids"] > 0 and hashed["distinct_tuples"] < 20000
+
+
+@pytest.mark.parametrize("scheme,budget", [("hashing-trick", "1/8"), ("multi-hashing", "1/64")])
+def test_collisions_estimated_from_a_sample_match_the_exact_count(scheme, budget):
+    from embbench import registry
+    from embbench.collisions import collision_stats, estimated_collisions
+    from embbench.schemes import Budget, FeatureSpec, build_embedding
+
+    vocabulary = 400_000
+    feature = FeatureSpec.from_vocabulary("f", vocabulary, 8)
+    budget_bytes = Budget.parse(budget).resolve(vocabulary, 8)
+    module, _ = build_embedding(registry.create_scheme(scheme), scheme, feature, budget_bytes, seed=3)
+    exact = collision_stats(module, np.arange(vocabulary)).collision_fraction
+    estimate = estimated_collisions(module, vocabulary, sample=100_000, seed=1)
+    assert estimate["estimated"] and estimate["sample_ids"] <= 100_000
+    assert 0 < exact < 1
+    # within 20%: sampling noise (a few hundred colliding IDs in the sample) and tuples not quite uniform
+    assert estimate["collision_fraction"] == pytest.approx(exact, rel=0.2)
+    assert estimate["sample_collision_fraction"] < exact  # a sample alone would understate collisions
