@@ -107,11 +107,15 @@ def memory_refusal(plans: dict[str, SchemePlan], available: int | None) -> str |
     if available is None or needed <= available * MEMORY_HEADROOM:
         return None
     return (
-        f"refused before building: the embeddings store {size / 1e9:.2f} GB, about {needed / 1e9:.1f} GB while "
+        f"refused before building: the embeddings store {_size_text(size)}, about {_size_text(needed)} while "
         f"training (weights, gradients, Adam moments), more than {MEMORY_HEADROOM:.0%} of the "
-        f"{available / 1e9:.1f} GB this machine has available; use a smaller vocabulary or budget, or a "
+        f"{_size_text(available)} this machine has available; use a smaller vocabulary or budget, or a "
         "compressed scheme"
     )
+
+
+def _size_text(size: float) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _check_model_entry(entry: Entry, task: Task, dim: int) -> None:

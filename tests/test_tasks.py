@@ -137,7 +137,8 @@ def test_tables_beyond_the_memory_available_are_refused_before_building(tmp_path
     plan = registry.create_scheme("full").plan(feature, 10**9)
     assert memory_refusal({"f": plan}, available=10**9) is None
     reason = memory_refusal({"f": plan}, available=3 * plan.size_bytes)
-    assert reason.startswith("refused before building") and "GB available" in reason
+    assert reason.startswith("refused before building: the embeddings store 0.1 MB, about 0.4 MB while training")
+    assert "of the 0.4 MB this machine has available" in reason
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").is_dir(), reason="needs ../shared/data/movielens-100k")
