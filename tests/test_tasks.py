@@ -133,12 +133,12 @@ def test_early_stopping_must_be_a_metric_of_the_task(tmp_path):
 
 
 def test_tables_beyond_the_memory_available_are_refused_before_building(tmp_path):
-    feature = FeatureSpec.from_vocabulary("f", 1000, 8)
+    feature = FeatureSpec.from_vocabulary("f", 100_000, 8)
     plan = registry.create_scheme("full").plan(feature, 10**9)
     assert memory_refusal({"f": plan}, available=10**9) is None
     reason = memory_refusal({"f": plan}, available=3 * plan.size_bytes)
-    assert reason.startswith("refused before building: the embeddings store 0.1 MB, about 0.4 MB while training")
-    assert "of the 0.4 MB this machine has available" in reason
+    assert reason.startswith("refused before building: the embeddings store 4.0 MB, about 16.0 MB while training")
+    assert "of the 12.0 MB this machine has available" in reason
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").is_dir(), reason="needs ../shared/data/movielens-100k")
