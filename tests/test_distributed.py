@@ -31,7 +31,7 @@ NUM_USERS, NUM_ITEMS = 120, 80
 BATCH = 15  # not a multiple of WORLD: ranks hold 8 and 7 real rows, the second padded
 STEPS = 4
 EVAL_ROWS = 11
-#: agreement of 2 processes with 1, for losses, predictions and weights (float32 rounding gives ~1e-8)
+#: agreement of 2 processes with 1, for losses, predictions and weights (measured: at most 2.4e-7)
 ATOL = 1e-6
 #: and of the weight updates (trained - initial), relative to the largest update; a W-fold error would be 1.0
 UPDATE_RTOL = 1e-3
