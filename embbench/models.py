@@ -84,7 +84,8 @@ class CTRModel(nn.Module, ABC):
 
     def embed(self, sparse: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, F, dim] of the fields' IDs [B, F]."""
-        return torch.stack([self.embeddings[name](sparse[:, i]) for i, name in enumerate(self.fields)], dim=1)
+        columns = sparse.T.contiguous()  # one contiguous row of IDs per field
+        return torch.stack([self.embeddings[name](columns[i]) for i, name in enumerate(self.fields)], dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return self.interact(dense, self.embed(sparse))

@@ -34,6 +34,7 @@ from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
 from embbench.latency import (
     embedding_latency_ms,
     measure_cell_latency,
+    pool_batch,
     peak_resident_bytes,
     reset_peak_resident,
     resident_bytes,
@@ -82,22 +83,52 @@ class RunSummary:
 
 
 def plan_cell(cell: Cell, features: dict[str, FeatureSpec]) -> dict[str, SchemePlan]:
-    """Each feature's plan, the cell's budget shared over the features; a budget below the scheme's minimum
-    names the suite entry."""
+    """Each feature's plan, the cell's budget shared over the features (see :func:`share_budget`); a budget
+    the features cannot share names the suite entry."""
     scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
-    shares = Budget.parse(cell.budget).allocate(features)
-    plans = {}
-    for name, feature in features.items():
-        try:
-            plans[name] = scheme.plan(feature, shares[name])
-        except BudgetTooSmall as exc:
-            raise ConfigError(
-                f"{cell.scheme.where} at budget {cell.budget}, {name} feature of {cell.dataset.label} "
-                f"({feature.vocabulary:,} IDs): {exc}"
+    try:
+        return share_budget(scheme, features, Budget.parse(cell.budget))
+    except BudgetTooSmall as exc:
+        raise ConfigError(f"{cell.scheme.where} at budget {cell.budget} on {cell.dataset.label}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{cell.scheme.where}: {exc}") from None
+
+
+def share_budget(scheme: Any, features: dict[str, FeatureSpec], budget: Budget) -> dict[str, SchemePlan]:
+    """Plans of ``scheme`` for every feature within ``budget`` for all of them together.
+
+    Each feature first gets its share (:meth:`Budget.allocate`). A feature whose share is below the scheme's
+    smallest module (a field of three IDs, say) gets that minimum instead, and the other features share what
+    is left in the same proportions; repeated until every feature fits, or the budget cannot hold the
+    minimums (BudgetTooSmall).
+    """
+    shares = budget.allocate(features)
+    total = sum(shares.values())
+    floors: dict[str, int] = {}
+    for _ in range(len(features) + 1):
+        plans, below = {}, {}
+        for name, feature in features.items():
+            try:
+                plans[name] = scheme.plan(feature, floors.get(name, shares[name]))
+            except BudgetTooSmall as exc:
+                if name in floors:  # even its stated minimum does not fit: a bug in the scheme, or odd input
+                    raise
+                below[name] = exc
+        if not below:
+            return plans
+        floors.update({name: exc.minimum_bytes for name, exc in below.items()})
+        rest = {name: shares[name] for name in features if name not in floors}
+        remaining = total - sum(floors.values())
+        if remaining <= 0 or not rest:
+            name, exc = next(iter(below.items()))
+            raise BudgetTooSmall(
+                exc.scheme, total, sum(floors.values()) + len(rest),
+                f"the smallest modules of {len(floors)} of {len(features)} features, e.g. '{name}' "
+                f"({features[name].vocabulary:,} IDs) needs {exc.minimum_bytes:,} bytes",
             ) from None
-        except ValueError as exc:
-            raise ConfigError(f"{cell.scheme.where}: {exc}") from None
-    return plans
+        weight = sum(rest.values())
+        shares.update({name: remaining * share // weight for name, share in rest.items()})
+    raise AssertionError("unreachable: every round floors at least one more feature")
 
 
 def memory_refusal(plans: dict[str, SchemePlan], available: int | None) -> str | None:
@@ -406,7 +437,7 @@ def _embedding_memory(
         module = modules[name]
         # The probe step must leave no trace in training: restore buffers (e.g. BatchNorm statistics).
         buffers = {key: buffer.clone() for key, buffer in module.named_buffers()}
-        ids = torch.as_tensor(feature.ids[:4096]).to(device)
+        ids = pool_batch(torch.as_tensor(feature.ids), 4096, device)  # a field of one ID still gives a batch
         module(ids).sum().backward()
         with torch.no_grad():
             for key, buffer in module.named_buffers():

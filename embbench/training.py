@@ -159,6 +159,8 @@ def fit(
         order = torch.randperm(len(labels), generator=generator)
         total_loss, batches = 0.0, 0
         for batch in order.split(config.batch_size):
+            if len(batch) == 1 and len(order) > 1:  # a lone last row: BatchNorm cannot train on one row
+                continue
             logits = model(*(tensor[batch].to(device) for tensor in inputs))
             loss = loss_fn(logits, labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
