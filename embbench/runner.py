@@ -34,8 +34,8 @@ from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
 from embbench.latency import (
     embedding_latency_ms,
     measure_cell_latency,
-    pool_batch,
     peak_resident_bytes,
+    pool_batch,
     reset_peak_resident,
     resident_bytes,
 )

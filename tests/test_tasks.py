@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from embbench_plugins.tasks.classification import binarize_ratings, hold_out_last_two
 
 from embbench import registry
 from embbench.errors import ConfigError
@@ -19,7 +20,6 @@ from embbench.metrics import binary_auc, log_loss
 from embbench.runner import memory_refusal, prepare, run_suite
 from embbench.schemes import Budget, FeatureSpec, build_embedding, full_table_bytes
 from embbench.tables import torchrec_available
-from embbench_plugins.tasks.classification import binarize_ratings, hold_out_last_two
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
