@@ -145,11 +145,28 @@ def run_group() -> None:
               help="Folder with dataset files (default: $EMBBENCH_DATA_DIR, else ~/.cache/embbench/data).")
 @click.option("--quick", is_flag=True, help="Apply the suite's [quick] profile (fewer epochs/seeds).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run_suite_command(suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to train each cell over (torchrun; gloo on CPU, nccl on GPU): tables sharded by "
+                   "torchrec DistributedModelParallel, network schemes data-parallel.")
+def run_suite_command(
+    suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, nproc: int
+) -> None:
     """Run every unfinished cell of SUITE (a built-in name or a .toml path) into the results database."""
+    from embbench.distributed.launch import launch, launched_by_torchrun
     from embbench.runner import run_suite
 
+    if nproc > 1 and not launched_by_torchrun():
+        # The children learn the world size from torchrun; "--nproc" itself would clash with torchrun's options.
+        argv = ["-m", "embbench.cli", "run", "suite", suite, "--db", str(db)]
+        argv += ["--data-dir", str(data_dir)] if data_dir is not None else []
+        argv += ["--quick"] if quick else []
+        argv += ["--no-progress"] if no_progress else []
+        sys.exit(launch(nproc, argv))
     summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress)
+    from embbench.distributed import is_main
+
+    if not is_main():
+        sys.exit(1 if summary.failed else 0)
     click.echo(
         f"suite {summary.suite}: {summary.total} cells, {summary.already_done} already done, "
         f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped -> {summary.db}"

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embbench import registry
+from embbench.distributed import barrier, full_state_dict, init_from_env, is_main
 from embbench.environment import available_memory_bytes, device_name, environment, git_commit, host
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError
 from embbench.latency import (
@@ -46,7 +47,7 @@ from embbench.store import DEFAULT_DB, ResultStore
 from embbench.suites import BASE_PRECISION, DEFAULT_BACKEND, Cell, Entry, Suite, find_suite, parse_suite
 from embbench.tables import table_backend
 from embbench.tasks import Task, TaskData, metric_record
-from embbench.training import TrainConfig
+from embbench.training import Sharding, TrainConfig, sharded
 
 #: bytes held per byte of embedding state while training: weights, gradients and Adam's two moments
 TRAINING_MEMORY_FACTOR = 4
@@ -166,8 +167,11 @@ def _check_model_entry(entry: Entry, task: Task, dim: int) -> None:
         raise ConfigError(f"{entry.where}: {exc}") from None
 
 
-def prepare(name_or_path: str, data_dir: str | Path | None = None, quick: bool = False) -> PreparedSuite:
-    """Parse and fully validate a suite; load and split its datasets; plan every cell."""
+def prepare(
+    name_or_path: str, data_dir: str | Path | None = None, quick: bool = False, world_size: int = 1
+) -> PreparedSuite:
+    """Parse and fully validate a suite; load and split its datasets; plan every cell (for a run over
+    ``world_size`` processes)."""
     suite = parse_suite(find_suite(name_or_path), quick=quick)
     settings = suite.settings
     task_name = settings["task"]
@@ -189,7 +193,7 @@ def prepare(name_or_path: str, data_dir: str | Path | None = None, quick: bool =
             data[entry.label] = task.prepare(dataset, settings["dim"])
         except EmbbenchError as exc:
             raise type(exc)(f"{entry.where}: {exc}") from None
-    cells = suite.cells()
+    cells = suite.cells(world_size)
     plans: dict[str, dict[str, SchemePlan]] = {}
     refused: dict[str, str] = {}
     available = available_memory_bytes()
@@ -257,8 +261,10 @@ def run_cells(
         for cell in cells:
             if cell.precision == BASE_PRECISION:
                 records.append(record)
-            else:
+            elif is_main():  # other ranks' records are not stored
                 records.append(_quantized_record(cell, record, model, task, data))
+            else:
+                records.append({**record, "cell_key": cell.key, "precision": cell.precision})
     return records
 
 
@@ -319,27 +325,35 @@ def _train_cell(
     record.update(device_name=device_name(device), environment_json=environment(device))
     model = None
     try:
-        scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
         peak_window = reset_peak_resident()
         memory_before = _memory_in_use(device)
-        embeddings = {}
-        for offset, (name, feature) in enumerate(features.items()):
-            module, _ = build_embedding(
-                scheme, cell.scheme.name, feature, plans[name].budget_bytes, seed=cell.seed * 1000 + offset + 1
-            )
-            embeddings[name] = module
-        torch.manual_seed(cell.seed)
-        model_class = registry.get_plugin("models", cell.model.name)
-        model = task.build_model(model_class, embeddings, data, cell.dim, dict(cell.model.params))
+        model = _build_model(cell, task, data, plans)
         record["peak_memory_bytes"] = _embedding_memory(model, features, device, memory_before)
         record["dense_bytes"] = model.dense_size_bytes()
         record["table_backend"] = table_backend()
         config = TrainConfig(**cell.training)
-        result = task.fit(model, data, config, cell.seed, device, on_epoch=on_epoch)
+        if cell.sharded:
+            how = Sharding(cell.sharding_type, cell.embedding_optimizer, cell.embedding_learning_rate)
+            with sharded(how) as sharding:
+                result = task.fit(model, data, config, cell.seed, device, on_epoch=on_epoch)
+            # The trained model's tables are shards now: later steps use an unsharded replica of its weights.
+            state = full_state_dict(sharding.wrapped)
+            model = _build_model(cell, task, data, plans)
+            model.load_state_dict(state)
+            model.to(device)
+            info = sharding.info.as_dict()
+            record.update(
+                sharding=info["sharding_type"], world_size=info["world_size"], sharding_json=info,
+                embedding_optimizer=info["embedding_optimizer"],
+            )
+        else:
+            result = task.fit(model, data, config, cell.seed, device, on_epoch=on_epoch)
+            record.update(sharding="none", world_size=1, embedding_optimizer="adam")
         record.update(
             status="ok",
             **metric_record("test", result.test),
             **metric_record("val", result.validation),
+            dense_optimizer="adam",
             train_seconds=result.train_seconds,
             eval_seconds=result.eval_seconds,
             epochs_run=len(result.history),
@@ -349,7 +363,7 @@ def _train_cell(
             # the whole process (data included) while building and training this cell
             peak_rss_bytes=peak_resident_bytes() if peak_window else None,
         )
-        if cell.latency_batch_sizes:
+        if cell.latency_batch_sizes and is_main():  # other ranks' records are not stored
             record.update(_latency_record(model, task, data, device, cell.latency_batch_sizes))
     except Exception:  # one failing cell must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
@@ -358,12 +372,26 @@ def _train_cell(
     return record, model
 
 
+def _build_model(cell: Cell, task: Task, data: TaskData, plans: dict[str, SchemePlan]) -> nn.Module:
+    """The cell's model, its embeddings built from the plans with the cell's seeds."""
+    scheme = registry.create("schemes", cell.scheme.name, where=cell.scheme.where, **cell.scheme.params)
+    embeddings = {}
+    for offset, (name, feature) in enumerate(data.features.items()):
+        module, _ = build_embedding(
+            scheme, cell.scheme.name, feature, plans[name].budget_bytes, seed=cell.seed * 1000 + offset + 1
+        )
+        embeddings[name] = module
+    torch.manual_seed(cell.seed)
+    model_class = registry.get_plugin("models", cell.model.name)
+    return task.build_model(model_class, embeddings, data, cell.dim, dict(cell.model.params))
+
+
 # Fields a quantised row takes from its training run: what was trained, and how; not how it scores.
 _SHARED_FIELDS = (
     "suite", "task", "dataset", "model", "scheme", "budget", "device", "seed", "plan_json", "size_bytes",
     "budget_bytes", "full_bytes", "git_commit", "host", "threads", "device_name", "environment_json", "dense_bytes",
     "table_backend", "train_seconds", "epochs_run", "best_epoch", "history_json", "train_examples_per_second",
-    "peak_rss_bytes",
+    "peak_rss_bytes", "sharding", "world_size", "sharding_json", "embedding_optimizer", "dense_optimizer",
 )
 
 
@@ -456,17 +484,29 @@ def run_suite(
     quick: bool = False,
     progress: bool = True,
 ) -> RunSummary:
-    """Run every cell of a suite that is not already finished in ``db``."""
-    prepared = prepare(name_or_path, data_dir=data_dir, quick=quick)
+    """Run every cell of a suite that is not already finished in ``db``.
+
+    Under torchrun (``embbench run suite --nproc N``) every rank runs this: all ranks train each cell
+    together and rank 0 alone writes the results. A sharded cell in a single process runs in a process group
+    of one, the same code path.
+    """
+    rank_, world = init_from_env("cpu")
+    prepared = prepare(name_or_path, data_dir=data_dir, quick=quick, world_size=world)
     store = ResultStore(db)
     done = store.finished_keys()
+    barrier()  # every rank has read the same finished cells before rank 0 writes new ones
+    main = rank_ == 0
+    if world == 1 and any(cell.sharded for cell in prepared.cells):
+        _single_process_group()
     summary = RunSummary(prepared.suite.name, store.path, total=len(prepared.cells))
     pending = [cell for cell in prepared.cells if cell.key not in done]
     summary.already_done = summary.total - len(pending)
     runs: dict[str, list[Cell]] = {}  # pending cells by the training run they share, in suite order
     for cell in pending:
         runs.setdefault(cell.trained.key, []).append(cell)
-    bar = tqdm(total=len(pending), desc=prepared.suite.name, unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(pending), desc=prepared.suite.name, unit="cell", disable=not (progress and main), dynamic_ncols=True
+    )
     for cells in runs.values():
         trained = cells[0].trained
         bar.set_postfix_str(trained.describe())
@@ -483,7 +523,8 @@ def run_suite(
             refusal=prepared.refused.get(trained.key),
         )
         for cell, record in zip(cells, records, strict=True):
-            store.write(record)
+            if main:
+                store.write(record)
             status = record["status"]
             setattr(summary, status, getattr(summary, status) + 1)
             if status == "failed":
@@ -491,4 +532,17 @@ def run_suite(
                 summary.failures.append(f"{cell.describe()}: {last_line}")
             bar.update(1)
     bar.close()
+    barrier()
     return summary
+
+
+def _single_process_group() -> None:
+    """A gloo process group of one process, so that sharded cells run through DMP without torchrun."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    store_file = Path(tempfile.mkdtemp(prefix="embbench-pg-")) / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1)

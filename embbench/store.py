@@ -58,6 +58,11 @@ COLUMNS: dict[str, str] = {
     "train_examples_per_second": "REAL",
     "peak_memory_bytes": "INTEGER",
     "peak_rss_bytes": "INTEGER",
+    "sharding": "TEXT",
+    "world_size": "INTEGER",
+    "embedding_optimizer": "TEXT",
+    "dense_optimizer": "TEXT",
+    "sharding_json": "TEXT",
     "device_name": "TEXT",
     "table_backend": "TEXT",
     "threads": "INTEGER",
@@ -72,7 +77,7 @@ COLUMNS: dict[str, str] = {
     "started_at": "TEXT",
     "finished_at": "TEXT",
 }
-JSON_COLUMNS = ("config_json", "plan_json", "history_json", "environment_json", "latency_json")
+JSON_COLUMNS = ("config_json", "plan_json", "history_json", "environment_json", "latency_json", "sharding_json")
 
 
 class ResultStore:

@@ -27,6 +27,11 @@ BACKENDS = ("auto", "torchrec", "torch")
 BASE_PRECISION = "fp32"
 DEFAULT_TASK = "ranking"
 DEFAULT_BACKEND = "auto"
+#: "auto": unsharded in one process, table-wise under --nproc N > 1
+SHARDINGS = ("auto", "data-parallel", "table-wise", "row-wise", "column-wise", "table-column-wise")
+DEFAULT_SHARDING = "auto"
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise-adagrad")
+DEFAULT_EMBEDDING_OPTIMIZER = "adagrad"
 
 # key -> (expected python types, description); the schema of the top level of a suite file
 TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
@@ -35,6 +40,9 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "reference": ((str,), "what the suite reproduces (paper, table)"),
     "task": ((str,), "what is learned and scored: ranking (default), rating-classification, ctr"),
     "backends": ((list,), "table backends: auto (default), torchrec, torch"),
+    "shardings": ((list,), "sharding types: auto (default), data-parallel, table-wise, row-wise, column-wise, ..."),
+    "embedding_optimizer": ((str,), "fused table optimizer of sharded runs: sgd, adagrad (default), rowwise-adagrad"),
+    "embedding_learning_rate": ((float, int), "learning rate of the fused table optimizer of sharded runs"),
     "epochs": ((int,), "maximum training epochs"),
     "seeds": ((list,), "random seeds, one cell each"),
     "devices": ((list,), "devices: cpu, cuda, auto"),
@@ -72,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "precisions": [BASE_PRECISION],
     "task": DEFAULT_TASK,
     "backends": [DEFAULT_BACKEND],
+    "shardings": [DEFAULT_SHARDING],
+    "embedding_optimizer": DEFAULT_EMBEDDING_OPTIMIZER,
+    "embedding_learning_rate": 0.01,
 }
 TRAINING_KEYS = ("epochs", "batch_size", "learning_rate", "num_negatives", "patience", "early_stopping")
 
@@ -110,6 +121,22 @@ class Cell:
     precision: str = BASE_PRECISION
     task: str = DEFAULT_TASK
     backend: str = DEFAULT_BACKEND
+    sharding: str = DEFAULT_SHARDING
+    world_size: int = 1  # processes (--nproc); not in the suite file
+    embedding_optimizer: str = DEFAULT_EMBEDDING_OPTIMIZER
+    embedding_learning_rate: float = 0.01
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the cell trains under torchrec DMP / DDP (a sharding type named, or several processes)."""
+        return self.sharding != DEFAULT_SHARDING or self.world_size > 1
+
+    @property
+    def sharding_type(self) -> str | None:
+        """The sharding type a sharded cell uses ("auto" is table-wise); None when unsharded."""
+        if not self.sharded:
+            return None
+        return "table-wise" if self.sharding == DEFAULT_SHARDING else self.sharding
 
     def config(self) -> dict[str, Any]:
         config = {
@@ -130,6 +157,10 @@ class Cell:
             config["task"] = self.task
         if self.backend != DEFAULT_BACKEND:
             config["backend"] = self.backend
+        if self.sharded:
+            config.update(sharding=self.sharding, world_size=self.world_size,
+                          embedding_optimizer=self.embedding_optimizer,
+                          embedding_learning_rate=self.embedding_learning_rate)
         return config
 
     @property
@@ -151,6 +182,8 @@ class Cell:
 
     def describe(self) -> str:
         backend = "" if self.backend == DEFAULT_BACKEND else f"/{self.backend}"
+        if self.sharded:
+            backend += f"/{self.sharding_type}x{self.world_size}"
         return (
             f"{self.dataset.label}/{self.model.label}/{self.label}@{self.budget}/{self.device}{backend}/seed{self.seed}"
         )
@@ -168,19 +201,21 @@ class Suite:
     schemes: list[Entry]
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def cells(self) -> list[Cell]:
+    def cells(self, world_size: int = 1) -> list[Cell]:
+        """The suite's cells, for a run over ``world_size`` processes."""
         s = self.settings
         training = {key: s[key] for key in TRAINING_KEYS}
         cells = []
         for dataset, model, scheme in itertools.product(self.datasets, self.models, self.schemes):
             budgets = scheme.budgets or tuple(s["budgets"])
             # precision varies fastest, so the cells sharing one training run are adjacent
-            for budget, device, backend, seed, precision in itertools.product(
-                budgets, s["devices"], s["backends"], s["seeds"], s["precisions"]
+            for budget, device, backend, sharding, seed, precision in itertools.product(
+                budgets, s["devices"], s["backends"], s["shardings"], s["seeds"], s["precisions"]
             ):
                 cells.append(Cell(
                     self.name, dataset, model, scheme, budget, device, seed, s["dim"], training,
-                    tuple(s["latency_batch_sizes"]), precision, s["task"], backend,
+                    tuple(s["latency_batch_sizes"]), precision, s["task"], backend, sharding, world_size,
+                    s["embedding_optimizer"], float(s["embedding_learning_rate"]),
                 ))
         return cells
 
@@ -276,7 +311,7 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
     settings.update({k: v for k, v in raw.items() if k in DEFAULTS})
     if quick:
         overrides = raw.get("quick", {})
-        allowed = set(DEFAULTS) - {"task"}
+        allowed = set(DEFAULTS) - {"task", "embedding_optimizer", "embedding_learning_rate"}
         _check_keys(overrides, allowed, where, "[quick]")
         for key, value in overrides.items():
             _check_type(value, TOP_LEVEL[key][0], where, f"quick.{key}")
@@ -286,6 +321,8 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
     for key in ("epochs", "dim", "batch_size", "num_negatives", "patience"):
         if settings[key] < 1:
             raise ConfigError(f"{where}: '{key}' must be >= 1, got {settings[key]}")
+    if settings["embedding_learning_rate"] <= 0:
+        raise ConfigError(f"{where}: 'embedding_learning_rate' must be > 0, got {settings['embedding_learning_rate']}")
     if settings["learning_rate"] <= 0:
         raise ConfigError(f"{where}: 'learning_rate' must be > 0, got {settings['learning_rate']}")
     if settings["early_stopping"] not in EARLY_STOPPING_METRICS:
@@ -294,7 +331,7 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
             f"got '{settings['early_stopping']}'"
         )
     # latency_batch_sizes may be empty: no latency
-    for key in ("seeds", "devices", "budgets", "precisions", "backends"):
+    for key in ("seeds", "devices", "budgets", "precisions", "backends", "shardings"):
         if not settings[key]:
             raise ConfigError(f"{where}: '{key}' must not be empty")
     for seed in settings["seeds"]:
@@ -320,6 +357,16 @@ def parse_suite(path: Path, quick: bool = False) -> Suite:
                 f"{where}: unknown table backend {backend!r}{closest(str(backend), BACKENDS)}; "
                 f"use {', '.join(BACKENDS)}"
             )
+    for sharding in settings["shardings"]:
+        if sharding not in SHARDINGS:
+            raise ConfigError(
+                f"{where}: unknown sharding {sharding!r}{closest(str(sharding), SHARDINGS)}; use {', '.join(SHARDINGS)}"
+            )
+    if settings["embedding_optimizer"] not in EMBEDDING_OPTIMIZERS:
+        raise ConfigError(
+            f"{where}: unknown embedding_optimizer {settings['embedding_optimizer']!r}"
+            f"{closest(settings['embedding_optimizer'], EMBEDDING_OPTIMIZERS)}; use {', '.join(EMBEDDING_OPTIMIZERS)}"
+        )
     if len(set(settings["precisions"])) != len(settings["precisions"]):
         raise ConfigError(f"{where}: 'precisions' lists a precision twice: {settings['precisions']}")
     settings["budgets"] = [_budget(b, f"{where}: budgets") for b in settings["budgets"]]

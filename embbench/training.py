@@ -10,9 +10,11 @@ ranked against all catalogue items the user has not interacted with.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +134,88 @@ def evaluate(model: RecModel, task: RankingTask, which: str, device: torch.devic
 EpochRows = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
+@dataclass
+class Sharding:
+    """Train under torchrec DistributedModelParallel over the current process group (:func:`sharded`).
+
+    ``fit`` shards the model (``embbench.distributed.shard_model``): tables take ``embedding_optimizer`` (a
+    fused optimizer) at ``embedding_learning_rate``, the other parameters Adam at the training learning rate;
+    every rank steps through the same global batches and trains on its slice of each. The model's own table
+    modules become the shards, so evaluation through it is collective: every rank evaluates the same rows in
+    the same order. ``wrapped`` and ``info`` are filled in by ``fit``.
+    """
+
+    sharding_type: str
+    embedding_optimizer: str
+    embedding_learning_rate: float
+    wrapped: nn.Module | None = None
+    info: Any = None
+
+
+_SHARDING: contextvars.ContextVar[Sharding | None] = contextvars.ContextVar("embbench_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sharded(sharding: Sharding) -> Iterator[Sharding]:
+    """Within the block, :func:`fit` trains sharded as ``sharding`` says."""
+    token = _SHARDING.set(sharding)
+    try:
+        yield sharding
+    finally:
+        _SHARDING.reset(token)
+
+
+class _PlainStep:
+    """One optimisation step of the whole model with Adam in this process."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
+        logits = self.model(*(tensor.to(self.device) for tensor in inputs))
+        loss = self.loss_fn(logits, labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def state(self) -> dict[str, Any]:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+
+class _ShardedStep:
+    """One step of a DMP / DDP-wrapped model on this rank's slice of the global batch."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, sharding: Sharding) -> None:
+        from embbench.distributed import make_optimizers, shard_model, sharding_info
+
+        self.wrapped = shard_model(
+            model, sharding.sharding_type, sharding.embedding_optimizer, sharding.embedding_learning_rate, device
+        )
+        sharding.wrapped, sharding.info = self.wrapped, sharding_info(self.wrapped)
+        self.optimizers = make_optimizers(self.wrapped, "adam", config.learning_rate)
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
+        from embbench.distributed import train_step
+
+        return train_step(self.wrapped, self.optimizers, inputs, labels)
+
+    def state(self) -> dict[str, Any]:
+        from embbench.distributed import full_state_dict
+
+        return full_state_dict(self.wrapped)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        from embbench.distributed import load_full_state_dict
+
+        load_full_state_dict(self.wrapped, state)
+
+
 def fit(
     model: nn.Module,
     epoch_rows: Callable[[torch.Generator], EpochRows],
@@ -146,8 +230,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    loss_fn = nn.BCEWithLogitsLoss()
+    sharding = _SHARDING.get()
+    step = _PlainStep(model, config, device) if sharding is None else _ShardedStep(model, config, device, sharding)
     sign = -1.0 if config.early_stopping in LOWER_IS_BETTER else 1.0
     embeddings = model.embedding_modules().values() if hasattr(model, "embedding_modules") else ()
     result = TrainResult()
@@ -161,12 +245,7 @@ def fit(
         for batch in order.split(config.batch_size):
             if len(batch) == 1 and len(order) > 1:  # a lone last row: BatchNorm cannot train on one row
                 continue
-            logits = model(*(tensor[batch].to(device) for tensor in inputs))
-            loss = loss_fn(logits, labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item()
+            total_loss += step(tuple(tensor[batch] for tensor in inputs), labels[batch])
             batches += 1
         for embedding in embeddings:
             hook = getattr(embedding, "on_epoch_end", None)
@@ -190,14 +269,14 @@ def fit(
         score = sign * validation[config.early_stopping]
         if score > best_score:
             best_score, stale = score, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = step.state()
             result.best_epoch, result.validation = epoch, validation
         else:
             stale += 1
             if stale >= config.patience:
                 break
     if best_state is not None:
-        model.load_state_dict(best_state)
+        step.restore(best_state)
     started = time.perf_counter()
     result.test = evaluate_split("test")
     result.eval_seconds += time.perf_counter() - started
