@@ -18,7 +18,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHIPPED = sorted(builtin_suites())
 # Folder of each real dataset in ../shared/data; synthetic data needs none.
 DATA_FOLDERS = {"movielens-100k": "movielens-100k", "movielens-1m": "movielens-1m",
-                "movielens-latest": "movielens-latest-small"}
+                "movielens-latest": "movielens-latest-small", "criteo": "criteo-sample", "avazu": "avazu-sample"}
+GENERATED = {"synthetic", "synthetic-ctr"}
 PAPER_SUITES = ("dhe-paper-budgets", "dhe-paper-ablations", "bh-paper", "efficiency")
 
 
@@ -30,7 +31,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def data_available(name: str) -> bool:
     datasets = {entry.name for entry in parse_suite(builtin_suites()[name]).datasets}
-    folders = [DATA_FOLDERS.get(dataset) for dataset in datasets - {"synthetic"}]
+    folders = [DATA_FOLDERS.get(dataset) for dataset in datasets - GENERATED]
     return all(folder is not None and (SHARED_DATA / folder).is_dir() for folder in folders)
 
 
