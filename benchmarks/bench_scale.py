@@ -1,0 +1,57 @@
+"""Click-through training at growing vocabularies: a compressed scheme's step time and memory must stay flat.
+
+DLRM on ``synthetic-ctr`` (8 fields, 8,192 training rows) with 8 MB of embeddings for all fields together, at
+10^5, 10^7 and 10^9 IDs per field: the same code path as ``embbench run suite scale``, scaled down to seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from embbench import registry
+from embbench.runner import share_budget
+from embbench.schemes import Budget, build_embedding
+
+from .common import use_benchmark_threads
+
+DIM = 16
+BUDGET = "8MB"
+ROWS = {"train_rows": 8192, "validation_rows": 1024, "test_rows": 1024}
+
+
+class DLRMAtScale:
+    params = [[10**5, 10**7, 10**9], ["hashing-trick", "robe", "dhe"]]
+    param_names = ["vocabulary", "scheme"]
+
+    def setup(self, vocabulary: int, scheme: str) -> None:
+        use_benchmark_threads()
+        dataset = registry.create_dataset("synthetic-ctr", vocabulary_size=vocabulary, **ROWS)
+        task = registry.create("tasks", "ctr")
+        data = task.prepare(dataset, DIM)
+        instance = registry.create_scheme(scheme)
+        plans = share_budget(instance, data.features, Budget.parse(BUDGET))
+        embeddings = {
+            name: build_embedding(instance, scheme, feature, plans[name].budget_bytes, seed=index + 1)[0]
+            for index, (name, feature) in enumerate(data.features.items())
+        }
+        torch.manual_seed(0)
+        self.model = task.build_model(registry.get_model_class("dlrm"), embeddings, data, DIM, {})
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        rows = data.payload["train"]
+        self.inputs = tuple(tensor[:1024] for tensor in rows.inputs)
+        self.labels = rows.labels[:1024]
+
+    def _step(self) -> None:
+        loss = nn.functional.binary_cross_entropy_with_logits(self.model(*self.inputs), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def time_training_step(self, vocabulary: int, scheme: str) -> None:
+        """One DLRM step (batch 1024, forward, backward, Adam)."""
+        self._step()
+
+    def peakmem_training_step(self, vocabulary: int, scheme: str) -> None:
+        """Peak memory of the process: data, model and a training step (flat in the vocabulary)."""
+        self._step()
