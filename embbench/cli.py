@@ -80,9 +80,10 @@ def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: boo
     if as_json:
         _echo_json([info.as_dict() for info in infos])
         return
+    width = max([20, *(len(info.name) for info in infos)])
     for info in infos:
         text = info.summary if info.status == "ok" else f"BROKEN: {info.error}"
-        click.echo(f"{info.name:<20} {info.status:<7} {info.distribution:<22} {text}")
+        click.echo(f"{info.name:<{width}} {info.status:<7} {info.distribution:<22} {text}")
 
 
 @main.command("size")
