@@ -174,3 +174,35 @@ def test_the_table_backend_is_a_suite_axis_and_both_backends_train_alike(tmp_pat
     assert [row[0] for row in rows] == ["torch", "torchrec"]
     assert rows[0][1] == pytest.approx(rows[1][1], abs=1e-4)  # identical initial weights and outputs
     assert '"backend": "torch"' in rows[0][2]
+
+
+def test_ctr_trains_dlrm_per_field_and_refuses_a_full_table_too_large_for_memory(tmp_path):
+    body = (
+        'task = "ctr"\nepochs = 3\nlearning_rate = 0.01\ndim = 8\nbudgets = ["20KB"]\nlatency_batch_sizes = [64]\n'
+        'precisions = ["fp32", "int8"]\n'
+        '[[datasets]]\nname = "synthetic-ctr"\nlabel = "small"\n'
+        'params = { num_fields = 3, vocabulary_size = 300, num_dense = 2, train_rows = 6000,'
+        ' validation_rows = 1000, test_rows = 1000 }\n'
+        '[[datasets]]\nname = "synthetic-ctr"\nlabel = "huge"\n'
+        'params = { num_fields = 3, vocabulary_size = 1_000_000_000_000, num_dense = 2, train_rows = 2000,'
+        ' validation_rows = 500, test_rows = 500 }\n'
+        '[[models]]\nname = "dlrm"\n'
+        '[[schemes]]\nname = "full"\nbudgets = ["1"]\n[[schemes]]\nname = "hashing-trick"\n'
+    )
+    summary = run_suite(str(suite_file(tmp_path, body)), db=tmp_path / "c.sqlite", progress=False)
+    rows = sqlite3.connect(tmp_path / "c.sqlite").execute(
+        "select dataset, scheme, precision, status, test_auc, test_logloss, size_bytes, budget_bytes, error,"
+        " embedding_latency_ms from cells order by dataset, scheme, precision"
+    ).fetchall()
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    assert summary.failed == 0 and len(rows) == 8
+    full = by[("small", "full", "fp32")]
+    hashed = by[("small", "hashing-trick", "fp32")]
+    assert full[3] == hashed[3] == "ok" and full[4] > 0.6 and 0 < full[5] < math.log(2)
+    assert hashed[6] <= 20_000 < full[6]  # the budget covers the three fields together
+    assert by[("small", "hashing-trick", "int8")][3] == "ok"  # quantised tables of a CTR model
+    assert hashed[9] > 0  # embedding latency, summed over the fields
+    refused = by[("huge", "full", "fp32")]
+    assert refused[3] == "skipped" and refused[8].startswith("refused before building")
+    assert by[("huge", "full", "int8")][3] == "skipped"
+    assert by[("huge", "hashing-trick", "fp32")][3] == "ok"  # 10^12 IDs per field, compressed: it runs
