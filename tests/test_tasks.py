@@ -15,7 +15,7 @@ import torch
 from embbench_plugins.tasks.classification import binarize_ratings, hold_out_last_two
 
 from embbench import registry
-from embbench.errors import ConfigError
+from embbench.errors import BudgetTooSmall, ConfigError
 from embbench.metrics import binary_auc, log_loss
 from embbench.runner import memory_refusal, prepare, run_suite
 from embbench.schemes import Budget, FeatureSpec, build_embedding, full_table_bytes
@@ -206,3 +206,24 @@ def test_ctr_trains_dlrm_per_field_and_refuses_a_full_table_too_large_for_memory
     assert refused[3] == "skipped" and refused[8].startswith("refused before building")
     assert by[("huge", "full", "int8")][3] == "skipped"
     assert by[("huge", "hashing-trick", "fp32")][3] == "ok"  # 10^12 IDs per field, compressed: it runs
+
+
+def test_a_field_below_the_schemes_smallest_module_gets_that_minimum_and_the_others_share_the_rest():
+    from embbench.runner import share_budget
+
+    features = {
+        "tiny": FeatureSpec.from_vocabulary("tiny", 3, 16),
+        "large": FeatureSpec.from_vocabulary("large", 50_000, 16),
+    }
+    scheme = registry.create_scheme("hashing-trick")
+    budget = Budget.parse("1/4")
+    total = sum(budget.allocate(features).values())
+    plans = share_budget(scheme, features, budget)
+    tiny_minimum = plans["tiny"].budget_bytes  # the minimum the scheme stated
+    with pytest.raises(BudgetTooSmall):
+        scheme.plan(features["tiny"], budget.allocate(features)["tiny"])  # its own share is too small
+    assert sum(plan.size_bytes for plan in plans.values()) <= total
+    assert plans["tiny"].size_bytes == tiny_minimum  # exactly the smallest module
+    assert plans["large"].budget_bytes == total - tiny_minimum
+    with pytest.raises(BudgetTooSmall, match="smallest modules"):
+        share_budget(scheme, features, Budget.parse("100b"))
