@@ -31,8 +31,9 @@ class MLP(RecModel):
 
     summary = "NCF MLP: concatenated embeddings through a ReLU MLP (256-128-64)"
 
-    #: user-item pairs scored at once by interact_all, to bound its memory (pairs x first hidden width floats)
-    PAIRS_PER_CHUNK = 1 << 18
+    #: user-item pairs scored at once by interact_all: their hidden activations (pairs x first hidden width
+    #: floats, 16 MiB at the default width) stay in cache; 2^18 pairs was 2.1x slower (one thread, 3,600 items)
+    PAIRS_PER_CHUNK = 1 << 14
 
     def __init__(
         self, user_embedding: nn.Module, item_embedding: nn.Module, dim: int, hidden: list[int] | None = None
@@ -60,11 +61,16 @@ class MLP(RecModel):
         item_part = item_vectors @ weight_item.T
         num_items = item_vectors.shape[0]
         users_per_chunk = max(1, self.PAIRS_PER_CHUNK // max(num_items, 1))
-        chunks = []
+        items_per_chunk = max(1, self.PAIRS_PER_CHUNK // users_per_chunk)  # a large catalogue is split as well
+        rows = []
         for start in range(0, user_part.shape[0], users_per_chunk):
-            pairs = user_part[start : start + users_per_chunk].unsqueeze(1) + item_part.unsqueeze(0)
-            chunks.append(self.rest(pairs).squeeze(2))
-        return torch.cat(chunks, dim=0)
+            users = user_part[start : start + users_per_chunk].unsqueeze(1)
+            row = [
+                self.rest(users + item_part[first : first + items_per_chunk].unsqueeze(0)).squeeze(2)
+                for first in range(0, num_items, items_per_chunk)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
 
     def extra_config(self) -> dict[str, Any]:
         return {"hidden": self.hidden}
