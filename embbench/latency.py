@@ -8,6 +8,8 @@ synchronises the device itself.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,9 +110,20 @@ def resident_bytes() -> int | None:
     return _status_bytes("VmRSS:")
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the memory the C allocator keeps from freed objects back to the system (glibc's
+    ``malloc_trim``), so that one cell's peak RSS does not start from the previous cell's leftovers."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def reset_peak_resident() -> bool:
     """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False where the
     kernel does not allow it, and then :func:`peak_resident_bytes` is the peak since the process started."""
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
