@@ -19,7 +19,7 @@ from torch import nn
 
 from embbench.data import Dataset
 from embbench.schemes import FeatureSpec
-from embbench.training import TrainConfig, TrainResult
+from embbench.training import EpochRows, TrainConfig, TrainResult, fit
 
 #: the results store has a column for each of these metrics, test_ and val_ prefixed
 METRIC_COLUMNS = {"auc": "auc", "hr@10": "hr10", "ndcg@10": "ndcg10", "logloss": "logloss"}
@@ -57,6 +57,9 @@ class Task(ABC):
         """The model: ``model_class`` around the features' embedding modules."""
 
     @abstractmethod
+    def epoch_rows(self, data: TaskData, config: TrainConfig, generator: torch.Generator) -> EpochRows:
+        """One epoch's training rows: ``model(*inputs)`` gives logits for the 0/1 labels."""
+
     def fit(
         self,
         model: nn.Module,
@@ -66,7 +69,14 @@ class Task(ABC):
         device: torch.device,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> TrainResult:
-        """Train with early stopping on validation; the result holds validation and test metrics."""
+        """Train on ``epoch_rows`` with early stopping on validation (:func:`embbench.training.fit`); the
+        result holds validation and test metrics."""
+        return fit(
+            model,
+            lambda generator: self.epoch_rows(data, config, generator),
+            lambda which: self.evaluate(model, data, which, device, config),
+            config, seed, device, on_epoch,
+        )
 
     @abstractmethod
     def evaluate(

@@ -26,6 +26,8 @@ from embbench.data import Split
 from embbench.metrics import RankingAccumulator
 from embbench.models import RecModel
 
+#: an epoch's training rows: the model's input tensors (row-aligned) and the 0/1 labels
+EpochRows = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 #: validation metrics training can stop on; logloss is the one where lower is better
 EARLY_STOPPING_METRICS = ("auc", "hr@10", "logloss")
 LOWER_IS_BETTER = ("logloss",)
@@ -96,6 +98,17 @@ class RankingTask:
             cols[rows] = np.searchsorted(split.items, frame["item"].to_numpy())
             self.held_out[name] = cols
         self.row_starts = np.searchsorted(self.train_user_rows, np.arange(len(split.users) + 1))
+        self.train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
+        self.train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
+
+    def epoch_rows(self, negatives_per: int, generator: torch.Generator) -> EpochRows:
+        """Every training interaction (label 1) and ``negatives_per`` items per interaction drawn uniformly
+        from the catalogue for the same user (label 0)."""
+        negative_cols = torch.randint(0, self.num_items, (len(self.train_items) * negatives_per,), generator=generator)
+        users = torch.cat((self.train_users, self.train_users.repeat_interleave(negatives_per)))
+        items = torch.cat((self.train_items, self.items[negative_cols]))
+        labels = torch.cat((torch.ones(len(self.train_items)), torch.zeros(len(negative_cols))))
+        return (users, items), labels
 
     def excluded_mask(self, which: str, start: int, stop: int) -> torch.Tensor:
         """bool [stop-start, M]: the users' training items and their other held-out item."""
@@ -128,10 +141,6 @@ def evaluate(model: RecModel, task: RankingTask, which: str, device: torch.devic
         accumulator.add(scores, positive, task.excluded_mask(which, start, stop))
     model.train(was_training)
     return accumulator.result()
-
-
-#: an epoch's training rows: the model's input tensors (row-aligned) and the 0/1 labels
-EpochRows = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
 @dataclass
@@ -294,18 +303,11 @@ def train_and_evaluate(
     """Ranking: train ``model`` on ``split.train`` with sampled negatives, early-stop on validation, test the
     best epoch."""
     task = RankingTask(split)
-    train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
-    train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
-    negatives_per = config.num_negatives
-
-    def epoch_rows(generator: torch.Generator) -> EpochRows:
-        negative_cols = torch.randint(0, task.num_items, (len(train_items) * negatives_per,), generator=generator)
-        users = torch.cat((train_users, train_users.repeat_interleave(negatives_per)))
-        items = torch.cat((train_items, task.items[negative_cols]))
-        labels = torch.cat((torch.ones(len(train_items)), torch.zeros(len(negative_cols))))
-        return (users, items), labels
 
     def evaluate_split(which: str) -> dict[str, float]:
         return evaluate(model, task, which, device, config.eval_batch_users)
 
-    return fit(model, epoch_rows, evaluate_split, config, seed, device, on_epoch)
+    return fit(
+        model, lambda generator: task.epoch_rows(config.num_negatives, generator), evaluate_split, config, seed,
+        device, on_epoch,
+    )

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,7 @@ from embbench.metrics import classification_metrics
 from embbench.models import CTRModel, RecModel
 from embbench.schemes import FeatureSpec
 from embbench.tasks import Task, TaskData
-from embbench.training import EpochRows, TrainConfig, TrainResult, fit
+from embbench.training import EpochRows, TrainConfig
 
 POSITIVE_AT_LEAST = 4.0
 NEGATIVE_AT_MOST = 2.0
@@ -47,24 +47,9 @@ class _Classification(Task):
     metrics = ("auc", "logloss")
     early_stopping = ("auc", "logloss")
 
-    def fit(
-        self,
-        model: nn.Module,
-        data: TaskData,
-        config: TrainConfig,
-        seed: int,
-        device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None,
-    ) -> TrainResult:
+    def epoch_rows(self, data: TaskData, config: TrainConfig, generator: torch.Generator) -> EpochRows:
         train: Rows = data.payload["train"]
-
-        def epoch_rows(generator: torch.Generator) -> EpochRows:
-            return train.inputs, train.labels
-
-        def evaluate_split(which: str) -> dict[str, float]:
-            return self.evaluate(model, data, which, device, config)
-
-        return fit(model, epoch_rows, evaluate_split, config, seed, device, on_epoch)
+        return train.inputs, train.labels
 
     @torch.no_grad()
     def evaluate(

@@ -8,7 +8,7 @@ held-out item is ranked against every catalogue item the user has not interacted
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from embbench.data import Dataset, Split, features_of, prepare_split
 from embbench.latency import pool_batch
 from embbench.models import RecModel
 from embbench.tasks import Task, TaskData
-from embbench.training import RankingTask, TrainConfig, TrainResult, evaluate, train_and_evaluate
+from embbench.training import EpochRows, RankingTask, TrainConfig, evaluate
 
 
 @dataclass
@@ -53,16 +53,8 @@ class Ranking(Task):
     def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
         return model_class(nn.Embedding(1, dim), nn.Embedding(1, dim), dim, **params)
 
-    def fit(
-        self,
-        model: nn.Module,
-        data: TaskData,
-        config: TrainConfig,
-        seed: int,
-        device: torch.device,
-        on_epoch: Callable[[dict[str, float]], None] | None = None,
-    ) -> TrainResult:
-        return train_and_evaluate(model, data.payload.split, config, seed, device, on_epoch=on_epoch)
+    def epoch_rows(self, data: TaskData, config: TrainConfig, generator: torch.Generator) -> EpochRows:
+        return data.payload.index.epoch_rows(config.num_negatives, generator)
 
     def evaluate(
         self, model: nn.Module, data: TaskData, which: str, device: torch.device, config: TrainConfig
