@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import tracemalloc
 from importlib.metadata import entry_points
@@ -14,6 +13,7 @@ from embbench_plugins.datasets.avazu import FIELDS as AVAZU_FIELDS
 from embbench_plugins.datasets.avazu import Avazu, weekdays
 from embbench_plugins.datasets.criteo import Criteo, hash_values
 from embbench_plugins.datasets.synthetic_ctr import CHUNK_ROWS, MAX_IDS, SyntheticCTR
+from files import write
 
 from embbench.ctr import SPLITS, CTRData, hash_strings
 from embbench.errors import DataNotFound
@@ -34,16 +34,6 @@ def one_id(value: str) -> int:
 
 def sizes(data: CTRData) -> tuple[int, int, int]:
     return len(data.train), len(data.validation), len(data.test)
-
-
-def write(path: Path, text: str, packed: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if packed:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path.write_text(text)
-    return path
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

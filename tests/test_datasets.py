@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import zipfile
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 from embbench_plugins.datasets.movielens import MovieLens1M, MovieLens100K, MovieLensLatest
 from embbench_plugins.datasets.synthetic import Synthetic, ZipfLaw
+from files import write
 
 from embbench.data import prepare_split
 from embbench.errors import DataNotFound
@@ -26,16 +26,6 @@ EXPECTED = pd.DataFrame([(u, i, t) for u, i, _, t in ROWS], columns=["user", "it
 ML100K = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ROWS)
 ML1M = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ROWS)
 LATEST = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r - 0.5},{t}\n" for u, i, r, t in ROWS)
-
-
-def write(path: Path, text: str, packed: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if packed:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path.write_text(text)
-    return path
 
 
 def assert_interactions(frame: pd.DataFrame) -> None:
