@@ -490,7 +490,9 @@ def run_suite(
     together and rank 0 alone writes the results. A sharded cell in a single process runs in a process group
     of one, the same code path.
     """
-    rank_, world = init_from_env("cpu")
+    devices = parse_suite(find_suite(name_or_path), quick=quick).settings["devices"]
+    on_gpu = "cuda" in devices or ("auto" in devices and torch.cuda.is_available())
+    rank_, world = init_from_env("cuda" if on_gpu and torch.cuda.is_available() else "cpu")  # nccl or gloo
     prepared = prepare(name_or_path, data_dir=data_dir, quick=quick, world_size=world)
     store = ResultStore(db)
     done = store.finished_keys()
