@@ -65,11 +65,6 @@ class PreparedSuite:
     plans: dict[str, dict[str, SchemePlan]]  # by cell key, then feature
     refused: dict[str, str] = field(default_factory=dict)  # cell key -> why it cannot run on this machine
 
-    @property
-    def features(self) -> dict[str, dict[str, FeatureSpec]]:
-        """Features by dataset label, then feature name."""
-        return {label: data.features for label, data in self.data.items()}
-
 
 @dataclass
 class RunSummary:
