@@ -1,104 +1,179 @@
-"""Embedding tables for table-backed schemes: torchrec's EmbeddingBagCollection where it imports, plain
-``torch.nn.EmbeddingBag`` otherwise, with identical initial weights and identical outputs.
+"""Embedding tables, the building block of table-backed schemes, and the module API that lets a model look
+up every table of every feature at once (torchrec's KeyedJaggedTensor -> EmbeddingBagCollection flow).
 
-Keeping rows in torchrec tables lets later layers shard (DistributedModelParallel) and quantise them.
-``EMBBENCH_TABLE_BACKEND`` = ``auto`` (default), ``torchrec`` or ``torch`` forces a backend.
+A table-backed scheme module subclasses :class:`TableBackedEmbedding`. It keeps its rows in
+:class:`EmbeddingTable` modules and splits its forward in two: ``lookups(ids)`` says which rows of which tables
+each ID pools (one :class:`Lookup` per table read), ``combine(ids, pooled)`` builds the embeddings from the
+pooled rows (sum, product, concatenation, projection...). In a model, :class:`embbench.collection.FeatureEmbeddings`
+holds the rows of all tables of all features in one collection and looks them all up in one call per batch;
+standalone, ``forward`` reads each table itself. Both give the same embeddings.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional
+
+if TYPE_CHECKING:
+    from embbench.collection import TableCollection
 
 DEFAULT_INIT_STD = 0.01
 
 
-@functools.cache
-def torchrec_available() -> bool:
-    # torch.fx logs a deprecation warning when torchrec imports; it is not the user's concern.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    try:
-        import torchrec  # noqa: F401
-    except Exception:  # ImportError, or fbgemm failing to load its library
-        return False
-    return True
-
-
-def table_backend() -> str:
-    """The backend new tables use: 'torchrec' or 'torch'."""
-    wanted = os.environ.get("EMBBENCH_TABLE_BACKEND", "auto").strip().lower()
-    if wanted not in ("auto", "torchrec", "torch"):
-        raise ValueError(f"EMBBENCH_TABLE_BACKEND must be auto, torchrec or torch, got '{wanted}'")
-    if wanted == "torch":
-        return "torch"
-    if torchrec_available():
-        return "torchrec"
-    if wanted == "torchrec":
-        raise RuntimeError("EMBBENCH_TABLE_BACKEND=torchrec but torchrec cannot be imported; see README")
-    return "torch"
-
-
 def initial_weights(num_rows: int, dim: int, seed: int, std: float = DEFAULT_INIT_STD) -> torch.Tensor:
+    """The seeded N(0, std^2) rows a table starts from."""
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(num_rows, dim, generator=generator) * std
 
 
-class EmbeddingTable(nn.Module):
-    """A table of ``num_rows`` fp32 rows of ``dim``.
+@dataclass(frozen=True, eq=False)
+class Lookup:
+    """Rows of one table that each of N IDs pools (sums), optionally weighted.
 
-    forward(indices) takes int64 row indices [N] (one row each) or [N, k] (k rows summed, optionally
-    weighted by ``per_sample_weights`` [N, k]) and returns [N, dim]. Its state is exactly the weight.
+    ``indices`` is int64 [N] (one row per ID), [N, k] (k rows per ID), or, with ``lengths`` (int [N]), the
+    rows of all IDs one after the other, ID i taking ``lengths[i]`` of them (zero: a zero vector). ``weights``
+    (float, shaped like ``indices``) weight the rows; only a table created with ``weighted=True`` takes them.
+    """
+
+    table: EmbeddingTable
+    indices: torch.Tensor
+    lengths: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def bags(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values [V], lengths [N], weights [V] or None): the jagged form every kernel takes."""
+        indices, weights = self.indices, self.weights
+        if self.lengths is not None:
+            return indices, self.lengths, weights
+        if indices.dim() == 1:
+            return indices, torch.ones_like(indices), weights
+        batch, width = indices.shape
+        lengths = torch.full((batch,), width, dtype=indices.dtype, device=indices.device)
+        return indices.reshape(-1), lengths, None if weights is None else weights.reshape(-1)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0] if self.lengths is not None else self.indices.shape[0])
+
+
+class EmbeddingTable(nn.Module):
+    """A table of ``num_rows`` fp32 rows of ``dim``, initialised N(0, ``init_std``^2) from ``seed``.
+
+    ``lookups`` is how many separate reads of the table one forward of its scheme module makes (a hash
+    embedding reads its pool once per hash; most schemes read a table once). ``weighted`` tables take
+    per-row weights.
+
+    Standalone the table owns its ``weight``; once its model's :class:`embbench.collection.TableCollection`
+    holds the rows (``bind``), ``weight`` is a view of them there, which the scheme may still read and write
+    (e.g. to reset rows between epochs). Its state is exactly the weight.
     """
 
     def __init__(
-        self, num_rows: int, dim: int, seed: int, init_std: float = DEFAULT_INIT_STD, weighted: bool = False
+        self,
+        num_rows: int,
+        dim: int,
+        seed: int,
+        init_std: float = DEFAULT_INIT_STD,
+        weighted: bool = False,
+        lookups: int = 1,
     ) -> None:
         super().__init__()
         if num_rows < 1:
             raise ValueError(f"a table needs at least one row, got {num_rows}")
-        self.num_rows, self.dim, self.weighted = num_rows, dim, weighted
-        self.backend = table_backend()
-        weights = initial_weights(num_rows, dim, seed, init_std)
-        if self.backend == "torchrec":
-            from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-
-            config = EmbeddingBagConfig(
-                name="table", embedding_dim=dim, num_embeddings=num_rows, feature_names=["ids"]
-            )
-            self.ebc = EmbeddingBagCollection(tables=[config], is_weighted=weighted, device=torch.device("cpu"))
-            with torch.no_grad():
-                self.ebc.embedding_bags["table"].weight.copy_(weights)
-        else:
-            self.bag = nn.EmbeddingBag(num_rows, dim, mode="sum", _weight=weights)
+        if dim < 1:
+            raise ValueError(f"a table needs at least one column, got {dim}")
+        if lookups < 1:
+            raise ValueError(f"lookups must be >= 1 (reads of the table per forward), got {lookups}")
+        self.num_rows, self.dim, self.weighted, self.lookups = int(num_rows), int(dim), weighted, int(lookups)
+        self.register_parameter("weight", nn.Parameter(initial_weights(num_rows, dim, seed, init_std)))
+        self._collection: TableCollection | None = None
+        self._key: str | None = None
+        #: row-sparse gradients when read standalone (set by the model for tables outside its collection)
+        self.sparse_gradients = False
 
     @property
-    def weight(self) -> torch.Tensor:
-        if self.backend == "torchrec":
-            return self.ebc.embedding_bags["table"].weight
-        return self.bag.weight
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        if self._collection is not None:
+            assert self._key is not None
+            return self._collection.weight(self._key)
+        return self._parameters["weight"]  # type: ignore[return-value]
+
+    @property
+    def bound(self) -> bool:
+        """Whether a collection holds this table's rows."""
+        return self._collection is not None
+
+    def bind(self, collection: TableCollection, key: str) -> None:
+        """Hand the rows to ``collection`` (which has copied them) under ``key``; ``weight`` reads them there."""
+        if self._collection is not None:
+            raise RuntimeError(f"table {key} is already held by a collection")
+        del self._parameters["weight"]
+        # A plain attribute, not a submodule: the collection belongs to the model, not to this table.
+        object.__setattr__(self, "_collection", collection)
+        object.__setattr__(self, "_key", key)
+
+    def lookup(
+        self, indices: torch.Tensor, lengths: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> Lookup:
+        """A read of this table (see :class:`Lookup`)."""
+        if weights is not None and not self.weighted:
+            raise ValueError("per-row weights need a table created with weighted=True")
+        return Lookup(self, indices, lengths, weights)
+
+    def pool(self, lookup: Lookup) -> torch.Tensor:
+        """The pooled rows [N, dim] of one lookup, read from this table alone."""
+        values, lengths, weights = lookup.bags()
+        if self._collection is not None:
+            return self._collection.pool_one(self, values, lengths, weights)
+        offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64, device=values.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return functional.embedding_bag(
+            values, self.weight, offsets[:-1], mode="sum", per_sample_weights=weights, sparse=self.sparse_gradients
+        )
 
     def forward(self, indices: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if indices.dim() == 1:
-            indices = indices.unsqueeze(1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.unsqueeze(1)
-        if self.backend == "torch":
-            return self.bag(indices, per_sample_weights=per_sample_weights)
-        from torchrec import KeyedJaggedTensor
-
-        batch, width = indices.shape
-        lengths = torch.full((batch,), width, dtype=torch.int64, device=indices.device)
-        kjt = KeyedJaggedTensor(
-            keys=["ids"],
-            values=indices.reshape(-1),
-            lengths=lengths,
-            weights=None if per_sample_weights is None else per_sample_weights.reshape(-1),
-        )
-        return self.ebc(kjt)["ids"]
+        """Rows [N, dim] of ``indices`` [N], or the (weighted) sums of the rows of ``indices`` [N, k]."""
+        return self.pool(Lookup(self, indices, None, per_sample_weights))
 
     def extra_repr(self) -> str:
-        return f"num_rows={self.num_rows}, dim={self.dim}, backend={self.backend}"
+        held = f", held by the collection as {self._key}" if self._key else ""
+        return f"num_rows={self.num_rows}, dim={self.dim}, lookups={self.lookups}{held}"
+
+
+class TableBackedEmbedding(nn.Module):
+    """Base class of scheme modules whose rows live in :class:`EmbeddingTable` modules.
+
+    Subclasses create their tables in ``__init__`` and implement :meth:`lookups` and :meth:`combine`;
+    ``forward(ids)`` = ``combine(ids, [pooled rows of each lookup])``. Every call of ``lookups`` must read the
+    same tables in the same order, each table ``table.lookups`` times, for any batch.
+    """
+
+    @abstractmethod
+    def lookups(self, ids: torch.Tensor) -> Sequence[Lookup]:
+        """The table reads that embed int64 ``ids`` [N]."""
+
+    @abstractmethod
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embeddings [N, dim] from the pooled rows of each lookup ([N, table.dim] each, in lookup order)."""
+
+    def embedding_tables(self) -> list[EmbeddingTable]:
+        """The distinct tables of this module, in module order."""
+        return [module for module in self.modules() if isinstance(module, EmbeddingTable)]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        collection = _collection_of(self)
+        if collection is not None:
+            return collection.embed_module(self, ids)
+        return self.combine(ids, [lookup.table.pool(lookup) for lookup in self.lookups(ids)])
+
+
+def _collection_of(module: TableBackedEmbedding) -> Any:
+    for table in module.embedding_tables():
+        return table._collection
+    return None

@@ -19,7 +19,7 @@ from torch import nn
 
 from embbench.data import Dataset
 from embbench.schemes import FeatureSpec
-from embbench.training import EpochRows, TrainConfig, TrainResult, fit
+from embbench.training import EpochRows, TrainConfig, TrainResult, TrainStep, fit
 
 #: the results store has a column for each of these metrics, test_ and val_ prefixed
 METRIC_COLUMNS = {"auc": "auc", "hr@10": "hr10", "ndcg@10": "ndcg10", "logloss": "logloss"}
@@ -66,16 +66,16 @@ class Task(ABC):
         data: TaskData,
         config: TrainConfig,
         seed: int,
-        device: torch.device,
+        step: TrainStep,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> TrainResult:
-        """Train on ``epoch_rows`` with early stopping on validation (:func:`embbench.training.fit`); the
-        result holds validation and test metrics."""
+        """Train with ``step`` on ``epoch_rows`` with early stopping on validation
+        (:func:`embbench.training.fit`); the result holds validation and test metrics."""
         return fit(
             model,
             lambda generator: self.epoch_rows(data, config, generator),
-            lambda which: self.evaluate(model, data, which, device, config),
-            config, seed, device, on_epoch,
+            lambda which: self.evaluate(model, data, which, step.device, config),
+            config, seed, step, on_epoch,
         )
 
     @abstractmethod
@@ -91,6 +91,13 @@ class Task(ABC):
     @abstractmethod
     def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
         """``model_class`` built around stand-in embeddings, to check its parameters before any data loads."""
+
+
+def pool_batch(pool: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``batch_size`` IDs drawn cyclically from ``pool`` (repeats when the pool is smaller), on ``device``: a
+    batch of real IDs, e.g. for :meth:`Task.model_batch` or an embedding-latency measurement."""
+    repeats = -(-batch_size // len(pool))
+    return pool.repeat(repeats)[:batch_size].to(device)
 
 
 def metric_record(prefix: str, metrics: Mapping[str, float]) -> dict[str, float | None]:

@@ -1,30 +1,25 @@
-"""Training with early stopping (:func:`fit`, shared by every task), and the ranking task's pieces: sampled
-negatives and evaluation by ranking the full item catalogue.
+"""Training with early stopping, the one loop every task shares (:func:`fit`), and the training step of one
+process (:class:`PlainStep`).
 
-:func:`fit` trains on the rows an epoch provides with binary cross-entropy and Adam, evaluates validation
-after every epoch, stops when the validation metric has not improved for ``patience`` epochs, and tests the
-best epoch's weights. For ranking, each training interaction is a positive and each epoch draws
-``num_negatives`` items per positive uniformly from the catalogue; the validation item of each user is
-ranked against all catalogue items the user has not interacted with.
+:func:`fit` trains on the rows an epoch provides, in shuffled mini-batches with binary cross-entropy, through a
+training step the caller chose (:class:`PlainStep` here; a sharded step under torchrun, from
+:mod:`embbench.distributed`), evaluates validation after every epoch, stops when the validation metric has not
+improved for ``patience`` epochs, and tests the best epoch's weights.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from embbench.data import Split
-from embbench.metrics import RankingAccumulator
-from embbench.models import RecModel
+from embbench.optimizers import Optimizers, make_optimizers
 
 #: an epoch's training rows: the model's input tensors (row-aligned) and the 0/1 labels
 EpochRows = tuple[tuple[torch.Tensor, ...], torch.Tensor]
@@ -80,114 +75,47 @@ class TrainResult:
         return self.train_examples / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-class RankingTask:
-    """Index arrays for full-ranking evaluation of one split, built once and reused every epoch."""
+class TrainStep(Protocol):
+    """One optimisation step on a batch, and the weights to keep for the best epoch."""
 
-    def __init__(self, split: Split) -> None:
-        self.items = torch.as_tensor(split.items, dtype=torch.int64)
-        self.users = torch.as_tensor(split.users, dtype=torch.int64)
-        self.num_items = len(split.items)
-        self.train_user_rows = np.searchsorted(split.users, split.train["user"].to_numpy())
-        self.train_item_cols = np.searchsorted(split.items, split.train["item"].to_numpy())
-        order = np.argsort(self.train_user_rows, kind="stable")
-        self.train_user_rows, self.train_item_cols = self.train_user_rows[order], self.train_item_cols[order]
-        self.held_out: dict[str, np.ndarray] = {}
-        for name, frame in (("validation", split.validation), ("test", split.test)):
-            rows = np.searchsorted(split.users, frame["user"].to_numpy())
-            cols = np.full(len(split.users), -1, dtype=np.int64)
-            cols[rows] = np.searchsorted(split.items, frame["item"].to_numpy())
-            self.held_out[name] = cols
-        self.row_starts = np.searchsorted(self.train_user_rows, np.arange(len(split.users) + 1))
-        self.train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
-        self.train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
+    device: torch.device
 
-    def epoch_rows(self, negatives_per: int, generator: torch.Generator) -> EpochRows:
-        """Every training interaction (label 1) and ``negatives_per`` items per interaction drawn uniformly
-        from the catalogue for the same user (label 0)."""
-        negative_cols = torch.randint(0, self.num_items, (len(self.train_items) * negatives_per,), generator=generator)
-        users = torch.cat((self.train_users, self.train_users.repeat_interleave(negatives_per)))
-        items = torch.cat((self.train_items, self.items[negative_cols]))
-        labels = torch.cat((torch.ones(len(self.train_items)), torch.zeros(len(negative_cols))))
-        return (users, items), labels
+    def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
+        """Train on one batch; the batch's mean loss."""
 
-    def excluded_mask(self, which: str, start: int, stop: int) -> torch.Tensor:
-        """bool [stop-start, M]: the users' training items and their other held-out item."""
-        mask = torch.zeros(stop - start, self.num_items, dtype=torch.bool)
-        lo, hi = self.row_starts[start], self.row_starts[stop]
-        rows = torch.as_tensor(self.train_user_rows[lo:hi] - start)
-        mask[rows, torch.as_tensor(self.train_item_cols[lo:hi])] = True
-        other = "test" if which == "validation" else "validation"
-        other_cols = torch.as_tensor(self.held_out[other][start:stop])
-        mask[torch.arange(stop - start), other_cols] = True
-        positive = torch.as_tensor(self.held_out[which][start:stop])
-        mask[torch.arange(stop - start), positive] = False
-        return mask
+    def state(self) -> dict[str, Any]:
+        """A copy of the weights (to restore the best epoch)."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load weights ``state`` returned."""
 
 
-@torch.no_grad()
-def evaluate(model: RecModel, task: RankingTask, which: str, device: torch.device, batch_users: int) -> dict:
-    """Mean AUC, HR@10 and NDCG@10 of ranking each user's held-out item among all non-interacted items."""
-    was_training = model.training
-    model.eval()
-    item_vectors = torch.cat(
-        [model.item_embedding(chunk.to(device)) for chunk in task.items.split(65536)], dim=0
-    )
-    accumulator = RankingAccumulator()
-    for start in range(0, len(task.users), batch_users):
-        stop = min(start + batch_users, len(task.users))
-        user_vectors = model.user_embedding(task.users[start:stop].to(device))
-        scores = model.interact_all(user_vectors, item_vectors).float().cpu()
-        positive = torch.as_tensor(task.held_out[which][start:stop])
-        accumulator.add(scores, positive, task.excluded_mask(which, start, stop))
-    model.train(was_training)
-    return accumulator.result()
+class PlainStep:
+    """One step of the whole model in this process: table rows by the model's table optimizer (fused into the
+    backward pass, or a torch optimizer of row-sparse gradients, see :mod:`embbench.collection`), every other
+    parameter by Adam at ``learning_rate``."""
 
-
-@dataclass
-class Sharding:
-    """Train under torchrec DistributedModelParallel over the current process group (:func:`sharded`).
-
-    ``fit`` shards the model (``embbench.distributed.shard_model``): tables take ``embedding_optimizer`` (a
-    fused optimizer) at ``embedding_learning_rate``, the other parameters Adam at the training learning rate;
-    every rank steps through the same global batches and trains on its slice of each. The model's own table
-    modules become the shards, so evaluation through it is collective: every rank evaluates the same rows in
-    the same order. ``wrapped`` and ``info`` are filled in by ``fit``.
-    """
-
-    sharding_type: str
-    embedding_optimizer: str
-    embedding_learning_rate: float
-    wrapped: nn.Module | None = None
-    info: Any = None
-
-
-_SHARDING: contextvars.ContextVar[Sharding | None] = contextvars.ContextVar("embbench_sharding", default=None)
-
-
-@contextlib.contextmanager
-def sharded(sharding: Sharding) -> Iterator[Sharding]:
-    """Within the block, :func:`fit` trains sharded as ``sharding`` says."""
-    token = _SHARDING.set(sharding)
-    try:
-        yield sharding
-    finally:
-        _SHARDING.reset(token)
-
-
-class _PlainStep:
-    """One optimisation step of the whole model with Adam in this process."""
-
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        learning_rate: float,
+        device: torch.device,
+        after_first_step: Callable[[], None] | None = None,
+    ) -> None:
         self.model, self.device = model, device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        self.optimizers: Optimizers = make_optimizers(model, learning_rate)
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self._after_first_step = after_first_step
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
         logits = self.model(*(tensor.to(self.device) for tensor in inputs))
         loss = self.loss_fn(logits, labels.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad()
         loss.backward()
-        self.optimizer.step()
+        self.optimizers.step()
+        if self._after_first_step is not None:  # e.g. to measure memory once the optimizer state exists
+            self._after_first_step()
+            self._after_first_step = None
         return loss.item()
 
     def state(self) -> dict[str, Any]:
@@ -197,50 +125,19 @@ class _PlainStep:
         self.model.load_state_dict(state)
 
 
-class _ShardedStep:
-    """One step of a DMP / DDP-wrapped model on this rank's slice of the global batch."""
-
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, sharding: Sharding) -> None:
-        from embbench.distributed import make_optimizers, shard_model, sharding_info
-
-        self.wrapped = shard_model(
-            model, sharding.sharding_type, sharding.embedding_optimizer, sharding.embedding_learning_rate, device
-        )
-        sharding.wrapped, sharding.info = self.wrapped, sharding_info(self.wrapped)
-        self.optimizers = make_optimizers(self.wrapped, "adam", config.learning_rate)
-
-    def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
-        from embbench.distributed import train_step
-
-        return train_step(self.wrapped, self.optimizers, inputs, labels)
-
-    def state(self) -> dict[str, Any]:
-        from embbench.distributed import full_state_dict
-
-        return full_state_dict(self.wrapped)
-
-    def restore(self, state: dict[str, Any]) -> None:
-        from embbench.distributed import load_full_state_dict
-
-        load_full_state_dict(self.wrapped, state)
-
-
 def fit(
     model: nn.Module,
     epoch_rows: Callable[[torch.Generator], EpochRows],
     evaluate_split: Callable[[str], dict[str, float]],
     config: TrainConfig,
     seed: int,
-    device: torch.device,
+    step: TrainStep,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on the rows ``epoch_rows`` gives each epoch, in shuffled mini-batches
+    """Train ``model`` with ``step`` on the rows ``epoch_rows`` gives each epoch, in shuffled mini-batches
     (``model(*inputs)`` gives logits); early-stop on ``evaluate_split("validation")``; test the best epoch."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model.to(device)
-    sharding = _SHARDING.get()
-    step = _PlainStep(model, config, device) if sharding is None else _ShardedStep(model, config, device, sharding)
     sign = -1.0 if config.early_stopping in LOWER_IS_BETTER else 1.0
     embeddings = model.embedding_modules().values() if hasattr(model, "embedding_modules") else ()
     result = TrainResult()
@@ -290,24 +187,3 @@ def fit(
     result.test = evaluate_split("test")
     result.eval_seconds += time.perf_counter() - started
     return result
-
-
-def train_and_evaluate(
-    model: RecModel,
-    split: Split,
-    config: TrainConfig,
-    seed: int,
-    device: torch.device,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Ranking: train ``model`` on ``split.train`` with sampled negatives, early-stop on validation, test the
-    best epoch."""
-    task = RankingTask(split)
-
-    def evaluate_split(which: str) -> dict[str, float]:
-        return evaluate(model, task, which, device, config.eval_batch_users)
-
-    return fit(
-        model, lambda generator: task.epoch_rows(config.num_negatives, generator), evaluate_split, config, seed,
-        device, on_epoch,
-    )

@@ -19,11 +19,13 @@ import pytest
 import torch
 from torch import nn
 
-from embbench import registry
+from embbench import FeatureEmbeddings, TableTraining, registry
+from embbench import distributed as sharding
+from embbench.collection import torchrec_available
 from embbench.distributed import launch as launch_module
-from embbench.distributed import sharding
+from embbench.distributed.step import _regular_optimizer
+from embbench.distributed.wrap import embedding_collections
 from embbench.schemes import FeatureSpec, build_embedding
-from embbench.tables import table_backend, torchrec_available
 
 WORLD = 2
 DIM = 8
@@ -71,15 +73,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build(scheme_name: str, params: dict[str, Any], budget: int, seed: int = 3) -> nn.Module:
+def _build(
+    scheme_name: str, params: dict[str, Any], budget: int, optimizer: str = "sgd", lr: float = 0.1, seed: int = 3
+) -> nn.Module:
+    """GMF with the scheme's tables in one collection kept for DMP to shard (as a sharded cell builds it)."""
     scheme = registry.create("schemes", scheme_name, **params)
-    modules = []
+    modules = {}
     for offset, (name, num_ids) in enumerate([("user", NUM_USERS), ("item", NUM_ITEMS)]):
         feature = FeatureSpec.from_vocabulary(name, num_ids, DIM)
-        module, _ = build_embedding(scheme, scheme_name, feature, budget, seed=seed * 1000 + offset + 1)
-        modules.append(module)
+        modules[name], _ = build_embedding(scheme, scheme_name, feature, budget, seed=seed * 1000 + offset + 1)
+    embeddings = FeatureEmbeddings(modules, TableTraining("torchrec", optimizer, lr, sharded=True))
     torch.manual_seed(seed)
-    return registry.get_plugin("models", "gmf")(modules[0], modules[1], DIM)
+    return registry.get_plugin("models", "gmf")(embeddings, DIM)
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -104,7 +109,7 @@ def _train_sharded(case: Case) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = sharding.shard_model(
-            _build(case.scheme, case.params, case.budget),
+            _build(case.scheme, case.params, case.budget, case.embedding_optimizer, case.lr),
             case.sharding_type,
             case.embedding_optimizer,
             case.lr,
@@ -129,7 +134,8 @@ def _one_step_without_gradient_division(case: Case) -> dict[str, Any]:
     from torchrec.distributed.comm_ops import set_gradient_division
 
     model = sharding.shard_model(
-        _build(case.scheme, case.params, case.budget), case.sharding_type, case.embedding_optimizer, case.lr, "cpu"
+        _build(case.scheme, case.params, case.budget, case.embedding_optimizer, case.lr),
+        case.sharding_type, case.embedding_optimizer, case.lr, "cpu",
     )
     optimizers = sharding.make_optimizers(model, case.dense_optimizer, case.dense_lr)
     users, items, labels = _batches()[0]
@@ -179,14 +185,14 @@ def _reference(
     case: Case, steps: int = STEPS
 ) -> tuple[dict[str, torch.Tensor], list[float], torch.Tensor, torch.Tensor, dict]:
     """The unsharded model trained in this process on the whole global batches."""
-    model = _build(case.scheme, case.params, case.budget)
+    model = _build(case.scheme, case.params, case.budget, case.embedding_optimizer, case.lr)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    tables = [p for _, ebc in sharding.embedding_collections(model) for p in ebc.parameters()]
+    tables = [p for _, ebc in embedding_collections(model) for p in ebc.parameters()]
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
-    optimizers = [sharding._regular_optimizer(case.dense_optimizer, dense, case.dense_lr)]
+    optimizers = [_regular_optimizer(case.dense_optimizer, dense, case.dense_lr)]
     if tables:
-        optimizers.append(sharding._regular_optimizer(case.embedding_optimizer, tables, case.lr))
+        optimizers.append(_regular_optimizer(case.embedding_optimizer, tables, case.lr))
     losses = []
     for users, items, labels in _batches()[:steps]:
         loss = nn.functional.binary_cross_entropy_with_logits(model(users, items), labels)
@@ -205,8 +211,8 @@ def _reference(
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    if not torchrec_available() or table_backend() != "torchrec":
-        pytest.skip("torchrec cannot be imported (or EMBBENCH_TABLE_BACKEND=torch): no tables to shard")
+    if not torchrec_available():
+        pytest.skip("torchrec cannot be imported: no tables to shard")
     out = tmp_path_factory.mktemp("sharded")
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -254,9 +260,9 @@ def test_row_wise_adagrad_on_column_shards_is_not_the_unsharded_optimizer(
 ) -> None:
     got = sharded_results[0][DIVERGING.name]
     assert any("row-wise Adagrad on column-split tables" in w for w in got["warnings"])
-    assert got["info"].plan_summary["user_embedding.table.ebc.table"] == "column-wise on ranks [0, 1]"
+    assert got["info"].plan_summary["embeddings.tables.stores.0.ebc.user__table"] == "column-wise on ranks [0, 1]"
     _, _, _, _, state = _reference(DIVERGING)
-    key = "user_embedding.table.ebc.embedding_bags.table.weight"
+    key = "embeddings.tables.stores.0.ebc.embedding_bags.user__table.weight"
     assert (got["state"][key] - state[key]).abs().max().item() > 1e-3
     for case in CASES:  # and no case that should match warns
         assert sharded_results[0][case.name]["warnings"] == [], case.name
@@ -268,16 +274,17 @@ def test_without_gradient_division_table_updates_are_world_size_times_too_large(
     got = sharded_results[0]["gradient-division-off"]
     assert got["error"].startswith("torchrec gradient division is off")
     initial, _, _, _, state = _reference(CASES[0], steps=1)
-    for key in ("user_embedding.table.ebc.embedding_bags.table.weight", "output.weight"):
+    for key in ("embeddings.tables.stores.0.ebc.embedding_bags.user__table.weight", "output.weight"):
         update = state[key] - initial[key]
         ratio = (got["state"][key] - initial[key]).norm() / update.norm()
         # tables: summed over ranks, W times the update; dense layers: still averaged by DDP
-        assert ratio.item() == pytest.approx(WORLD if "table" in key else 1.0, rel=1e-4), key
+        assert ratio.item() == pytest.approx(WORLD if "embedding_bags" in key else 1.0, rel=1e-4), key
 
 
 def test_table_wise_places_whole_tables(sharded_results: list[dict[str, Any]]) -> None:
     summary = sharded_results[0]["tw-sgd"]["info"].plan_summary
-    assert set(summary) == {"user_embedding.table.ebc.table", "item_embedding.table.ebc.table"}
+    collection = "embeddings.tables.stores.0.ebc"
+    assert set(summary) == {f"{collection}.user__table", f"{collection}.item__table"}
     assert all(s in ("table-wise on ranks [0]", "table-wise on ranks [1]") for s in summary.values()), summary
 
 
@@ -288,7 +295,8 @@ def test_row_wise_splits_every_table_over_all_ranks(sharded_results: list[dict[s
 
 def test_row_wise_rejects_tables_with_fewer_rows_than_ranks(sharded_results: list[dict[str, Any]]) -> None:
     message = sharded_results[0]["row-wise-too-few-rows"]
-    assert message.startswith("row-wise sharding of table 'user_embedding.table.ebc.table' (1 rows) over 2 ranks")
+    table = "embeddings.tables.stores.0.ebc.user__table"
+    assert message.startswith(f"row-wise sharding of table '{table}' (1 rows) over 2 ranks")
     assert "leaves a rank without rows" in message
 
 

@@ -16,7 +16,7 @@ def test_interact_all_equals_pairwise_interact(name, pairs_per_chunk, monkeypatc
     if pairs_per_chunk is not None:
         monkeypatch.setattr(model_class, "PAIRS_PER_CHUNK", pairs_per_chunk)
     torch.manual_seed(0)
-    model = model_class(torch.nn.Embedding(1, 8), torch.nn.Embedding(1, 8), 8).eval()
+    model = model_class({"user": torch.nn.Embedding(1, 8), "item": torch.nn.Embedding(1, 8)}, 8).eval()
     users, items = torch.randn(5, 8), torch.randn(23, 8)
     with torch.no_grad():
         every = model.interact_all(users, items)

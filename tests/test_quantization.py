@@ -8,27 +8,57 @@ import json
 import pytest
 import torch
 
-from embbench import Budget, ConfigError, EmbeddingTable, FeatureSpec, build_embedding, state_size_bytes
-from embbench.quantization import (
-    QuantizationUnavailable,
-    QuantizedEmbeddingTable,
-    embedding_tables,
-    expected_row_bytes,
-    quantize_tables,
-    quantized_size_bytes,
+from embbench import (
+    Budget,
+    ConfigError,
+    EmbeddingTable,
+    FeatureEmbeddings,
+    FeatureSpec,
+    Lookup,
+    TableBackedEmbedding,
+    TableTraining,
+    build_embedding,
+    state_size_bytes,
 )
+from embbench.collection import torchrec_available
+from embbench.measure.quantization import QuantizationUnavailable, quantize_model, quantized_feature_bytes
 from embbench.registry import create_scheme
-from embbench.runner import run_suite
-from embbench.store import ResultStore
-from embbench.suites import parse_suite
-from embbench.tables import table_backend
+from embbench.run.store import ResultStore
+from embbench.run.suites import parse_suite
+from embbench.run.sweep import run_suite
 
-needs_torchrec = pytest.mark.skipif(table_backend() != "torchrec", reason="quantised tables need torchrec tables")
+needs_torchrec = pytest.mark.skipif(not torchrec_available(), reason="quantised tables need torchrec")
 
 FEATURE = FeatureSpec.from_vocabulary("item", 5000, 32)
 # Largest |quantised - fp32| of one row relative to the row's value range, per precision (int8/int4 round to
 # 1/255 and 1/15 of the range, plus fp16 scale and bias).
 TOLERANCE = {"fp16": 1e-3, "int8": 1 / 255, "int4": 1 / 15}
+
+
+def row_bytes(dim: int, precision: str) -> int:
+    """Bytes of one quantised row on a CPU: packed values, plus the fp16 scale and bias of int8/int4 rows."""
+    values = dim * {"fp16": 16, "int8": 8, "int4": 4}[precision] // 8
+    return values + (4 if precision in ("int8", "int4") else 0)
+
+
+class OneTable(TableBackedEmbedding):
+    """A table read as given: ids [N] or [N, k] (summed), optionally weighted."""
+
+    def __init__(self, rows: int, dim: int, weighted: bool = False) -> None:
+        super().__init__()
+        self.table = EmbeddingTable(rows, dim, seed=0, weighted=weighted)
+        self.weights: torch.Tensor | None = None
+
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        return [self.table.lookup(ids, weights=self.weights)]
+
+    def combine(self, ids: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return pooled[0]
+
+
+def in_collection(module: torch.nn.Module, backend: str = "torch") -> FeatureEmbeddings:
+    optimizer = "sgd" if backend == "torchrec" else "adam"
+    return FeatureEmbeddings({"f": module}, TableTraining(backend, optimizer)).eval()
 
 
 def build(name: str, budget: str = "1/4", feature: FeatureSpec = FEATURE):
@@ -37,112 +67,116 @@ def build(name: str, budget: str = "1/4", feature: FeatureSpec = FEATURE):
     return module.eval()
 
 
-def spread_rows(module: torch.nn.Module) -> None:
+def spread_rows(embeddings: FeatureEmbeddings) -> None:
     """Trained-like rows: unit-scale values, so that errors are not hidden by the tiny initial weights."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for table in embedding_tables(module):
-            table.weight.copy_(torch.randn(table.weight.shape, generator=generator))
+        for key in embeddings.tables.table_keys:
+            weight = embeddings.tables.weight(key)
+            weight.copy_(torch.randn(weight.shape, generator=generator))
 
 
 @needs_torchrec
+@pytest.mark.parametrize("backend", ["torch", "torchrec"])
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
-def test_quantised_table_output_is_close_to_fp32(precision):
-    table = EmbeddingTable(1000, 32, seed=0)
-    spread_rows(table)
+def test_quantised_rows_are_close_to_fp32(precision, backend):
+    embeddings = in_collection(OneTable(1000, 32), backend)
+    spread_rows(embeddings)
     ids = torch.randint(0, 1000, (500,), generator=torch.Generator().manual_seed(1))
-    quantized = quantize_tables(table, precision)
-    assert isinstance(quantized, QuantizedEmbeddingTable)
+    quantized = quantize_model(embeddings, precision)
     with torch.no_grad():
-        expected, got = table(ids), quantized(ids)
-    row_range = table.weight[ids].amax(dim=1) - table.weight[ids].amin(dim=1)
+        expected, got = embeddings.embed("f", ids), quantized.embed("f", ids)
+    weight = embeddings.tables.weight("f__table")
+    row_range = weight[ids].amax(dim=1) - weight[ids].amin(dim=1)
     error = (got - expected).abs().amax(dim=1)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (error <= TOLERANCE[precision] * row_range + 1e-6).all()
     assert error.max() > 0  # it really is quantised
+    assert quantized.tables.kernel == "quantized" and embeddings.tables.kernel != "quantized"  # a copy
 
 
 @needs_torchrec
 def test_a_strided_view_of_indices_is_read_as_its_values():
-    table = EmbeddingTable(300, 8, seed=0)
-    spread_rows(table)
-    quantized = quantize_tables(table, "fp16")
+    embeddings = in_collection(OneTable(300, 8))
+    spread_rows(embeddings)
+    quantized = quantize_model(embeddings, "fp16")
     columns = torch.randint(0, 300, (50, 3), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(quantized(columns[:, 1]), quantized(columns[:, 1].clone()), rtol=0, atol=0)
+        torch.testing.assert_close(
+            quantized.embed("f", columns[:, 1]), quantized.embed("f", columns[:, 1].clone()), rtol=0, atol=0
+        )
 
 
 @needs_torchrec
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_weighted_bags_of_quantised_rows_match_fp32(precision):
-    table = EmbeddingTable(200, 16, seed=0, weighted=True)
-    spread_rows(table)
+    module = OneTable(200, 16, weighted=True)
+    embeddings = in_collection(module)
+    spread_rows(embeddings)
     ids = torch.randint(0, 200, (64, 3), generator=torch.Generator().manual_seed(2))
-    weights = torch.rand(64, 3, generator=torch.Generator().manual_seed(3))
+    module.weights = torch.rand(64, 3, generator=torch.Generator().manual_seed(3))
+    quantized = quantize_model(embeddings, precision)
+    quantized.features["f"].weights = module.weights
     with torch.no_grad():
-        expected, got = table(ids, weights), quantize_tables(table, precision)(ids, weights)
+        expected = embeddings.forward({"f": ids})["f"]
+        got = quantized.forward({"f": ids})["f"]
     torch.testing.assert_close(got, expected, rtol=0, atol=3 * TOLERANCE[precision] * 6)
 
 
 @needs_torchrec
 @pytest.mark.parametrize("precision, factor", [("fp16", 2.0), ("int8", 32 * 4 / 36), ("int4", 32 * 4 / 20)])
 def test_quantised_size_is_the_quantised_state_and_about_the_expected_factor_smaller(precision, factor):
-    table = EmbeddingTable(1000, 32, seed=0)
-    quantized = quantize_tables(table, precision)
-    size = quantized_size_bytes(quantized)
-    assert size == 1000 * expected_row_bytes(32, precision)
-    assert state_size_bytes(table) / size == pytest.approx(factor)
-    stored = quantized.state_dict()
-    assert len(stored) == 1 and next(iter(stored.values())).view(torch.uint8).numel() == size
+    module = OneTable(1000, 32)
+    fp32_bytes = state_size_bytes(module)
+    quantized = quantize_model(in_collection(module), precision)
+    size = quantized_feature_bytes(quantized)["f"]
+    assert size == 1000 * row_bytes(32, precision)
+    assert fp32_bytes / size == pytest.approx(factor)
+    stored = [t for name, t in quantized.tables.stores[0].ebc.state_dict().items() if name.startswith("embedding_bags")]
+    assert sum(getattr(t, "elem", t).view(torch.uint8).numel() for t in stored) == size
 
 
 @needs_torchrec
 @pytest.mark.parametrize("name", ["full", "hashing-trick", "multi-hashing", "hash-embedding"])
 def test_a_schemes_tables_are_quantised_and_its_other_state_kept(name):
     module = build(name, "1" if name == "full" else "1/4")
-    spread_rows(module)
-    tables = embedding_tables(module)
-    quantized = quantize_tables(module, "int8")
-    assert not embedding_tables(quantized) and embedding_tables(module) == tables  # the original is untouched
+    fp32_bytes = state_size_bytes(module)
+    tables = module.embedding_tables()
     table_bytes = sum(state_size_bytes(table) for table in tables)
-    quantized_table_bytes = sum(
-        table.num_rows * expected_row_bytes(table.dim, "int8") for table in tables
-    )
-    assert quantized_size_bytes(quantized) == state_size_bytes(module) - table_bytes + quantized_table_bytes
+    embeddings = in_collection(module)
+    spread_rows(embeddings)
+    quantized = quantize_model(embeddings, "int8")
+    quantized_table_bytes = sum(table.num_rows * row_bytes(table.dim, "int8") for table in tables)
+    assert quantized_feature_bytes(quantized)["f"] == fp32_bytes - table_bytes + quantized_table_bytes
+    assert quantized_feature_bytes(embeddings)["f"] == fp32_bytes  # the original is untouched
     ids = torch.arange(-5, 6000, 13)
     with torch.no_grad():
-        torch.testing.assert_close(quantized(ids), module(ids), rtol=0, atol=0.1)
+        torch.testing.assert_close(quantized.embed("f", ids), embeddings.embed("f", ids), rtol=0, atol=0.1)
 
 
-def test_quantised_size_equals_state_size_for_plain_modules():
+def test_feature_bytes_equal_state_size_for_modules_without_tables():
     module = build("dhe")
-    assert quantized_size_bytes(module) == state_size_bytes(module)
+    assert quantized_feature_bytes(FeatureEmbeddings({"f": module}))["f"] == state_size_bytes(module)
 
 
 def test_a_scheme_without_tables_cannot_be_quantised():
     with pytest.raises(QuantizationUnavailable, match="no embedding tables to quantise"):
-        quantize_tables(build("dhe"), "int8")
+        quantize_model(in_collection(build("dhe")), "int8")
 
 
 @needs_torchrec
 def test_odd_row_widths_are_refused_for_packed_precisions_with_the_reason():
-    table = EmbeddingTable(10, 6, seed=0)
-    assert quantized_size_bytes(quantize_tables(table, "int8")) == 10 * (6 + 4)
+    embeddings = in_collection(OneTable(10, 6))
+    assert quantized_feature_bytes(quantize_model(embeddings, "int8"))["f"] == 10 * (6 + 4)
     with pytest.raises(QuantizationUnavailable, match="int4 rows need a dimension divisible by 4"):
-        quantize_tables(table, "int4")
-
-
-def test_torch_backend_tables_are_refused_with_the_reason(monkeypatch):
-    monkeypatch.setenv("EMBBENCH_TABLE_BACKEND", "torch")
-    table = EmbeddingTable(10, 8, seed=0)
-    with pytest.raises(QuantizationUnavailable, match="torch' backend"):
-        quantize_tables(table, "fp16")
+        quantize_model(embeddings, "int4")
 
 
 def test_fp32_is_a_plain_copy():
-    table = EmbeddingTable(10, 8, seed=0)
-    copied = quantize_tables(table, "fp32")
-    assert copied is not table and torch.equal(copied.weight, table.weight)
+    embeddings = in_collection(OneTable(10, 8))
+    copied = quantize_model(embeddings, "fp32")
+    ids = torch.arange(10)
+    assert copied is not embeddings and torch.equal(copied.embed("f", ids), embeddings.embed("f", ids))
 
 
 DATA = '[[datasets]]\nname = "synthetic"\nparams = { num_users = 150, num_items = 90, interactions_per_user = 6 }\n'

@@ -6,6 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 from embbench_plugins.schemes.binary_code import (
     binary_code_bits,
     budget_block_lengths,
@@ -15,7 +22,7 @@ from embbench_plugins.schemes.binary_code import (
 )
 
 from embbench import Budget, BudgetTooSmall, FeatureSpec, build_embedding
-from embbench.collisions import collision_stats
+from embbench.measure.collisions import collision_stats
 from embbench.registry import create_scheme
 
 FEATURE = FeatureSpec.from_vocabulary("item", 5000, 16)
@@ -149,3 +156,35 @@ def test_mean_fusion_divides_the_sum_by_the_block_count():
 def test_bad_hyper_parameters_name_the_parameter(params, named):
     with pytest.raises(Exception, match=named):
         create_scheme("binary-code", **params)
+
+
+# inside a collection (one lookup of all tables per batch)
+
+COLLECTION_CASES = {
+    "shared": {},
+    "separate-mean": {"shared_table": False, "fusion": "mean"},
+    "skip-blocks-of-4": {"strategy": "skip", "block_bits": 4},
+}
+BATCHES = [torch.randint(-50, 6000, (256,), generator=torch.Generator().manual_seed(0)),
+           torch.tensor([0, 1, 4999, 5000, -1, -(2**62), 2**62, 2**62 - 1, 2**63 - 1, -(2**63)])]
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_embeds_the_same_inside_a_collection(case, backend, optimizer):
+    module, _ = build("1/16", **COLLECTION_CASES[case])
+    assert_same_embeddings_in_collection(module, BATCHES, backend, optimizer)
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_a_batch_costs_one_pool_call_per_store(case, backend, optimizer):
+    module, _ = build("1/16", **COLLECTION_CASES[case])
+    assert_one_pool_call_per_store(module, BATCHES[0], backend, optimizer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_sgd_step_through_a_collection_matches_a_dense_step(case, backend):
+    module, _ = build("1/16", **COLLECTION_CASES[case])
+    assert_sgd_step_matches_dense(module, BATCHES[0], torch.cat([torch.arange(-10, 5010), BATCHES[1]]), backend)

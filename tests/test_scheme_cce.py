@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 
 from embbench import Budget, ConfigError, FeatureSpec, build_embedding, state_size_bytes
 from embbench.registry import create_scheme
@@ -90,3 +97,39 @@ def test_reclustering_is_deterministic():
 def test_bad_hyper_parameters_are_rejected():
     with pytest.raises(ConfigError, match="assignment_share must be in"):
         create_scheme("cce", assignment_share=1.0)
+
+
+# inside a collection (one lookup of all tables per batch)
+
+BATCHES = [torch.randint(-50, 2000, (256,), generator=torch.Generator().manual_seed(0)),
+           torch.tensor([0, 1, 1499, 1500, -1, -(2**62), 2**62, 2**62 - 1, 2**63 - 1, -(2**63)])]
+
+
+def test_each_table_is_read_once_per_column():
+    module, _ = build()
+    reads = module.lookups(BATCHES[1])
+    assert module.clustered.lookups == module.hashed.lookups == module.columns == 4
+    assert [read.table for read in reads] == [module.clustered] * 4 + [module.hashed] * 4
+    clustered, hashed = module.rows_of_slots(module.slot_hash(BATCHES[1])[:, 0])
+    assert torch.equal(torch.stack([read.indices for read in reads], dim=1), torch.cat([clustered, hashed], dim=1))
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("num_columns", [4, 1])
+def test_embeds_the_same_inside_a_collection(num_columns, backend, optimizer):
+    module, _ = build(num_columns=num_columns)
+    assert_same_embeddings_in_collection(module, BATCHES, backend, optimizer)
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+def test_a_batch_costs_one_pool_call_per_store(backend, optimizer):
+    module, _ = build()
+    assert_one_pool_call_per_store(module, BATCHES[0], backend, optimizer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sgd_step_and_reclustering_in_a_collection_match_the_standalone_module(backend):
+    """The epoch-end re-clustering reads and rewrites the tables where the collection holds them."""
+    module, _ = build()
+    probe = torch.cat([torch.arange(-10, 1510), BATCHES[1]])
+    assert_sgd_step_matches_dense(module, BATCHES[0], probe, backend, after_step=lambda m: m.on_epoch_end(1))

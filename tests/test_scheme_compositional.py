@@ -9,7 +9,7 @@ import torch
 from embbench_plugins.schemes.compositional import balanced_sizes
 
 from embbench import Budget, BudgetTooSmall, FeatureSpec, build_embedding, state_size_bytes
-from embbench.collisions import collision_stats
+from embbench.measure.collisions import collision_stats
 from embbench.registry import create_scheme
 
 FEATURE = FeatureSpec.from_vocabulary("item", 5000, 16)

@@ -6,6 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 
 from embbench import BudgetTooSmall, EmbeddingTable, FeatureSpec, build_embedding, state_size_bytes
 from embbench.registry import create_scheme, get_plugin
@@ -226,3 +233,75 @@ def test_hybrid_rejects_bad_hyper_parameters_by_name():
         scheme_class("hybrid-hashing")(frequent_fraction=1.5)
     with pytest.raises(ValueError, match="max_frequent_share"):
         scheme_class("hybrid-hashing")(max_frequent_share=1.0)
+
+
+# every hashing-family scheme inside a collection (one lookup of all tables per batch)
+
+
+COLLECTION_CASES = {
+    "multi-hashing": ("multi-hashing", 40_000, FEATURE, {"num_hashes": 3}),
+    "multi-hashing-concat": ("multi-hashing", 40_000, FEATURE, {"num_hashes": 3, "combiner": "concat"}),
+    "multi-hashing-shared-mean": (
+        "multi-hashing", 40_000, FEATURE, {"num_hashes": 3, "shared": True, "combiner": "mean"}
+    ),
+    "double-hashing": ("double-hashing", 30_000, FEATURE, {}),
+    "bloom": ("bloom", 20_000, FEATURE, {"num_hashes": 3}),
+    "hash-embedding": ("hash-embedding", 20_000, FEATURE, {}),  # importance rows of width 2: a second store
+    "hash-embedding-4": ("hash-embedding", 20_000, FEATURE, {"num_hashes": 4}),
+    "hybrid-hashing": ("hybrid-hashing", 20_000, SKEWED, {}),
+    "hybrid-hashing-mean": ("hybrid-hashing", 20_000, SKEWED, {"combiner": "mean", "frequent_fraction": 0.3}),
+    "hybrid-hashing-concat": ("hybrid-hashing", 20_000, SKEWED, {"combiner": "concat"}),
+}
+
+
+def build_case(case: str):
+    name, budget, feature, params = COLLECTION_CASES[case]
+    module, _ = build(name, budget, feature=feature, **params)
+    return module
+
+
+def batches_for(case: str) -> list[torch.Tensor]:
+    """Random IDs around the vocabulary (for hybrid hashing: frequent and other IDs mixed), and extreme IDs."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(-20, 1200, (256,), generator=generator), IDS, torch.arange(90, 310)]
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_hashing_schemes_embed_the_same_inside_a_collection(case, backend, optimizer):
+    assert_same_embeddings_in_collection(build_case(case), batches_for(case), backend, optimizer)
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_hashing_schemes_cost_one_pool_call_per_store(case, backend, optimizer):
+    assert_one_pool_call_per_store(build_case(case), batches_for(case)[0], backend, optimizer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(COLLECTION_CASES))
+def test_hashing_schemes_sgd_step_through_a_collection_matches_a_dense_step(case, backend):
+    ids = batches_for(case)[0]
+    assert_sgd_step_matches_dense(build_case(case), ids, torch.cat([torch.arange(-20, 1200), IDS]), backend)
+
+
+def test_hash_embedding_reads_its_pool_once_per_hash_and_weights_the_rows_in_combine():
+    module, _ = build("hash-embedding", 20_000, num_hashes=3)
+    assert module.pool.lookups == 3 and not module.pool.weighted
+    reads = module.lookups(IDS)
+    assert [read.table for read in reads] == [module.pool] * 3 + [module.importance]
+    assert all(read.weights is None and read.indices.shape == (len(IDS),) for read in reads)
+
+
+def test_hybrid_reads_each_branch_only_for_the_ids_that_take_it():
+    module, _ = build("hybrid-hashing", 20_000, feature=SKEWED)
+    ids = torch.cat([module.frequent_ids[:5], torch.tensor([0, 1, 2**63 - 1])])
+    frequent = torch.isin(ids, module.frequent_ids)
+    *hashed, dedicated = module.lookups(ids)
+    assert [read.table for read in hashed] == list(module.hashed.tables) and dedicated.table is module.dedicated
+    for read in hashed:
+        assert torch.equal(read.lengths, (~frequent).long())
+    assert torch.equal(dedicated.lengths, frequent.long())
+    module(ids).sum().backward()
+    touched = torch.nonzero(module.dedicated.weight.grad.abs().sum(dim=1)).flatten()
+    assert touched.tolist() == list(range(5))  # the frequent IDs' rows, and only theirs

@@ -7,8 +7,16 @@ import sys
 
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 
 from embbench import Budget, BudgetTooSmall, ConfigError, FeatureSpec, PluginError, build_embedding, state_size_bytes
+from embbench.collection import FeatureEmbeddings, TableTraining, torchrec_available
 from embbench.registry import create_scheme
 
 pytest.importorskip("torchrec", reason="managed-collision wraps torchrec's MCHManagedCollisionModule")
@@ -96,16 +104,19 @@ def test_gradients_reach_only_the_rows_ids_map_to():
     assert touched.tolist().count(True) == 2 and touched[3]
 
 
+@pytest.mark.skipif(not torchrec_available(), reason="quantised tables need torchrec")
 def test_quantised_tables_keep_the_remapping():
-    from embbench.quantization import quantize_tables
+    from embbench.measure.quantization import quantize_model
 
     module, _ = build(rows=16)
     train_on(module, [3, 3, 4, 5])
-    quantized = quantize_tables(module, "fp16")
+    embeddings = FeatureEmbeddings({"f": module}, TableTraining("torchrec", "sgd"))
+    quantized = quantize_model(embeddings, "fp16")
     ids = torch.tensor([3, 4, 5, 6])
-    assert torch.equal(quantized.rows(ids), module.rows(ids))
+    assert torch.equal(quantized["f"].rows(ids), module.rows(ids))
+    embeddings.eval()
     with torch.no_grad():
-        torch.testing.assert_close(quantized(ids), module(ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(quantized.embed("f", ids), embeddings.embed("f", ids), rtol=0, atol=1e-4)
 
 
 def test_budget_below_torchrecs_fixed_state_names_the_minimum():
@@ -130,3 +141,40 @@ def test_without_torchrec_the_plugin_loads_and_building_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchrec.modules.mc_modules", None)
     with pytest.raises(PluginError, match="torchrec cannot be imported"):
         scheme.build(FEATURE, plan, seed=0)
+
+
+# inside a collection (one lookup of all tables per batch)
+
+BATCHES = [torch.tensor([5, 5, 6, 6, 7, 9]), torch.randint(0, 40, (64,), generator=torch.Generator().manual_seed(0)),
+           torch.tensor([0, 1, 4999, 5000, -1, -(2**62), 2**62, 2**62 - 1, 2**63 - 1, -(2**63)])]
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("eviction_interval", [1, 2])
+def test_embeds_and_learns_the_remapping_the_same_inside_a_collection(eviction_interval, backend, optimizer):
+    module, _ = build(rows=16, eviction_interval=eviction_interval)
+    assert_same_embeddings_in_collection(module, BATCHES, backend, optimizer)
+
+
+def test_a_collection_records_training_ids_only():
+    module, _ = build(rows=4)
+    embeddings = FeatureEmbeddings({"f": module}, TableTraining("torch", "adam"))
+    embeddings.eval()
+    embeddings({"f": torch.tensor([1, 1, 2])})
+    assert (module.rows(torch.tensor([1, 2])) == 3).all()
+    embeddings.train()
+    embeddings({"f": torch.tensor([1, 1, 2])})
+    assert (module.rows(torch.tensor([1, 2])) != 3).all()
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+def test_a_batch_costs_one_pool_call_per_store(backend, optimizer):
+    module, _ = build(rows=16)
+    assert_one_pool_call_per_store(module, BATCHES[1], backend, optimizer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sgd_step_through_a_collection_matches_a_dense_step(backend):
+    module, _ = build(rows=16)
+    train_on(module, BATCHES[0].tolist())
+    assert_sgd_step_matches_dense(module, BATCHES[1], torch.arange(-5, 60), backend)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 
 from embbench import Budget, ConfigError, FeatureSpec, build_embedding, state_size_bytes
 from embbench.registry import create_scheme
@@ -63,3 +70,45 @@ def test_bad_hyper_parameters_are_rejected():
         create_scheme("mixed-dim", alpha=2.0)
     with pytest.raises(ConfigError, match="num_blocks must be in"):
         create_scheme("mixed-dim", num_blocks=0)
+
+
+# inside a collection (one lookup of all tables per batch)
+
+BATCHES = [
+    torch.randint(-5, 3 * NUM_IDS + 5, (256,), generator=torch.Generator().manual_seed(0)),
+    torch.tensor([0, 3, 1, 3 * (NUM_IDS - 1), -(2**63), 2**63 - 1]),
+    torch.arange(0, 60, 3),  # the most frequent IDs only: the other blocks' bags are all empty
+]
+
+
+def test_each_block_table_is_read_with_a_bag_per_id_empty_outside_the_block():
+    module, _ = build()
+    ids = torch.tensor([0, 3 * (NUM_IDS - 1), 1, 3])
+    block_of, row_of = module.locate(ids)
+    reads = module.lookups(ids)
+    assert [read.table for read in reads] == list(module.tables)
+    for block, read in enumerate(reads):
+        assert torch.equal(read.lengths, (block_of == block).long())
+        assert torch.equal(read.indices, row_of[block_of == block])
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("budget", ["1/2", "3/4"])
+def test_embeds_the_same_inside_a_collection(budget, backend, optimizer):
+    module, _ = build(budget)
+    assert_same_embeddings_in_collection(module, BATCHES, backend, optimizer)
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+def test_a_batch_costs_one_pool_call_per_store(backend, optimizer):
+    module, plan = build()
+    assert any(dim % 4 for dim in plan.params["block_dims"])  # the fused kernel leaves some to a sparse store
+    assert_one_pool_call_per_store(module, BATCHES[0], backend, optimizer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("budget", ["1/2", "3/4"])
+def test_sgd_step_through_a_collection_matches_a_dense_step(budget, backend):
+    module, _ = build(budget)
+    probe = torch.cat([torch.arange(-3, 3 * NUM_IDS + 3), BATCHES[1]])
+    assert_sgd_step_matches_dense(module, BATCHES[0], probe, backend)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from collection_checks import (
+    assert_one_pool_call_per_store,
+    assert_same_embeddings_in_collection,
+    assert_sgd_step_matches_dense,
+    backend_params,
+    kernel_params,
+)
 
 from embbench import Budget, ConfigError, FeatureSpec, build_embedding
 from embbench.registry import create_scheme
@@ -48,3 +55,37 @@ def test_array_size_fills_the_budget_and_block_size_defaults_to_the_dim():
 def test_block_size_out_of_range_is_rejected():
     with pytest.raises(ConfigError, match="block_size must be in"):
         create_scheme("robe", block_size=0)
+
+
+# inside a collection (one lookup of all tables per batch)
+
+BATCHES = [torch.randint(-50, 6000, (256,), generator=torch.Generator().manual_seed(0)),
+           torch.tensor([0, 1, 4999, 5000, -1, -(2**62), 2**62, 2**62 - 1, 2**63 - 1, -(2**63)])]
+
+
+def test_the_array_is_read_once_per_embedding_element():
+    module, _ = build(block_size=5)
+    ids = torch.tensor([0, 7, 2**63 - 1])
+    reads = module.lookups(ids)
+    assert module.array.lookups == FEATURE.dim == len(reads) and all(read.table is module.array for read in reads)
+    assert torch.equal(torch.stack([read.indices for read in reads], dim=1), module.positions(ids))
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_embeds_the_same_inside_a_collection(block_size, backend, optimizer):
+    module, _ = build(block_size=block_size)
+    assert_same_embeddings_in_collection(module, BATCHES, backend, optimizer)
+
+
+@pytest.mark.parametrize(("backend", "optimizer"), kernel_params())
+def test_a_batch_costs_one_pool_call_per_store(backend, optimizer):
+    module, _ = build(block_size=5)
+    assert_one_pool_call_per_store(module, BATCHES[0], backend, optimizer)  # width 1: never in the fused kernel
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_sgd_step_through_a_collection_matches_a_dense_step(block_size, backend):
+    module, _ = build(block_size=block_size)
+    assert_sgd_step_matches_dense(module, BATCHES[0], torch.cat([torch.arange(-10, 5010), BATCHES[1]]), backend)

@@ -1,45 +1,32 @@
-"""Multi-process training: torchrun launch and process groups (``launch``), sharding with torchrec's
-DistributedModelParallel (``sharding``). Importing this package does not import torchrec.
-
-``embbench.distributed.launch`` is the module (its ``launch(nproc, argv)`` starts torchrun); the other
-public names of both modules are re-exported here.
+"""Multi-process training: torchrun launch and process groups (``launch``), sharding plans (``plan``), wrapping a
+model in DMP / DDP (``wrap``, ``info``), sharded training steps (``step``) and moving weights in and out of
+shards (``state``). Importing this package does not import torchrec. How it works and what was measured:
+docs/distributed.md.
 """
 
-from embbench.distributed.launch import (
-    barrier,
-    destroy,
-    init_from_env,
-    is_distributed,
-    is_main,
-    local_device,
-    rank,
-    world_size,
-)
-from embbench.distributed.sharding import (
+from embbench.distributed.info import ShardingInfo, sharding_info, unwrap
+from embbench.distributed.launch import barrier, destroy, init_from_env, is_distributed, is_main, rank, world_size
+from embbench.distributed.plan import EMBEDDING_OPTIMIZERS, SHARDING_TYPES, validate
+from embbench.distributed.state import full_state_dict, load_full_state_dict
+from embbench.distributed.step import (
     DENSE_OPTIMIZERS,
-    EMBEDDING_OPTIMIZERS,
-    SHARDING_TYPES,
     Optimizers,
-    ShardingInfo,
+    ShardedStep,
     dense_parameters,
     distributed_forward,
     embedding_parameters,
-    full_state_dict,
-    load_full_state_dict,
     local_indices,
     make_optimizers,
-    shard_model,
-    sharding_info,
     train_step,
-    unwrap,
-    validate,
 )
+from embbench.distributed.wrap import shard_model
 
 __all__ = [
     "DENSE_OPTIMIZERS",
     "EMBEDDING_OPTIMIZERS",
     "SHARDING_TYPES",
     "Optimizers",
+    "ShardedStep",
     "ShardingInfo",
     "barrier",
     "dense_parameters",
@@ -51,7 +38,6 @@ __all__ = [
     "is_distributed",
     "is_main",
     "load_full_state_dict",
-    "local_device",
     "local_indices",
     "make_optimizers",
     "rank",

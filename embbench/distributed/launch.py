@@ -100,14 +100,6 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def local_device(device: torch.device | str) -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` for CUDA under torchrun, ``device`` otherwise."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def is_distributed() -> bool:
     """Whether a process group is initialised."""
     return dist.is_available() and dist.is_initialized()

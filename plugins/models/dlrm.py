@@ -4,12 +4,11 @@ embeddings and the bottom output, and a top MLP on [bottom output; interactions]
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
-from embbench.models import CTRModel
+from embbench import CTRModel
 
 INTERACTIONS = ("dot", "cat")
 
@@ -76,5 +75,3 @@ class DLRM(CTRModel):
             features = pairs if bottom is None else torch.cat((bottom, pairs), dim=1)
         return self.top(features).squeeze(1)
 
-    def extra_config(self) -> dict[str, Any]:
-        return {"bottom": self.bottom_widths, "top": self.top_widths, "interaction": self.interaction}

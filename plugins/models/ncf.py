@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from embbench.models import RecModel
+from embbench import RecModel
 
 
 class GMF(RecModel):
@@ -15,8 +15,8 @@ class GMF(RecModel):
 
     summary = "NCF GMF: weighted inner product of user and item embeddings"
 
-    def __init__(self, user_embedding: nn.Module, item_embedding: nn.Module, dim: int) -> None:
-        super().__init__(user_embedding, item_embedding, dim)
+    def __init__(self, embeddings: Mapping[str, nn.Module], dim: int) -> None:
+        super().__init__(embeddings, dim)
         self.output = nn.Linear(dim, 1)
 
     def interact(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
@@ -35,10 +35,8 @@ class MLP(RecModel):
     #: floats, 16 MiB at the default width) stay in cache; 2^18 pairs was 2.1x slower (one thread, 3,600 items)
     PAIRS_PER_CHUNK = 1 << 14
 
-    def __init__(
-        self, user_embedding: nn.Module, item_embedding: nn.Module, dim: int, hidden: list[int] | None = None
-    ) -> None:
-        super().__init__(user_embedding, item_embedding, dim)
+    def __init__(self, embeddings: Mapping[str, nn.Module], dim: int, hidden: list[int] | None = None) -> None:
+        super().__init__(embeddings, dim)
         hidden = [256, 128, 64] if hidden is None else list(hidden)
         if not hidden or any(not isinstance(w, int) or w < 1 for w in hidden):
             raise ValueError(f"hidden must be a non-empty list of positive layer widths, got {hidden}")
@@ -71,6 +69,3 @@ class MLP(RecModel):
             ]
             rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
-
-    def extra_config(self) -> dict[str, Any]:
-        return {"hidden": self.hidden}

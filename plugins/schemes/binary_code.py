@@ -4,10 +4,22 @@ split into blocks of bits; each block, read as a number, picks a row of its bloc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from embbench import FLOAT_BYTES, BudgetTooSmall, EmbeddingTable, FeatureSpec, Scheme, SchemePlan, VocabularyIndex
+from embbench import (
+    FLOAT_BYTES,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    Lookup,
+    Scheme,
+    SchemePlan,
+    TableBackedEmbedding,
+    VocabularyIndex,
+)
 
 STRATEGIES = ("succession", "skip")
 FUSIONS = ("sum", "mean")
@@ -119,7 +131,7 @@ def binary_code_bits(dense: torch.Tensor, code_bits: int) -> torch.Tensor:
     return torch.cat(words, dim=1)
 
 
-class BinaryCodeLookup(nn.Module):
+class BinaryCodeLookup(TableBackedEmbedding):
     """IDs -> dense index -> L-bit code -> k block values (rows) -> pooled block rows."""
 
     def __init__(
@@ -149,14 +161,17 @@ class BinaryCodeLookup(nn.Module):
         blocks = torch.zeros(len(ids), len(self.block_starts), dtype=torch.int64, device=ids.device)
         return blocks.scatter_add_(1, self.block_of_bit.expand(len(ids), -1), bits << self.place_in_block)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
         blocks = self.index_tuples(ids)
         if self.shared_table:
             # Each block has its own range of rows in the one table, so equal values in two blocks differ.
-            pooled = self.table(blocks + self.block_starts)
-        else:
-            pooled = sum(table(blocks[:, block]) for block, table in enumerate(self.tables))
-        return pooled / blocks.shape[1] if self.fusion == "mean" else pooled
+            return [self.table.lookup(blocks + self.block_starts)]
+        return [table.lookup(blocks[:, block]) for block, table in enumerate(self.tables)]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        summed = pooled[0] if self.shared_table else sum(pooled)
+        count = len(self.block_starts)
+        return summed / count if self.fusion == "mean" else summed
 
 
 class BinaryCodeEmbedding(Scheme):
@@ -183,7 +198,6 @@ class BinaryCodeEmbedding(Scheme):
         if not isinstance(shared_table, bool):
             raise ValueError(f"shared_table must be true or false, got {shared_table!r}")
         self.strategy, self.block_bits, self.fusion, self.shared_table = strategy, block_bits, fusion, shared_table
-        self._params = {"strategy": strategy, "block_bits": block_bits, "fusion": fusion, "shared_table": shared_table}
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         num_indices = feature.num_ids + 1  # the training IDs and one index shared by unseen IDs
@@ -198,7 +212,7 @@ class BinaryCodeEmbedding(Scheme):
             lengths = paper_block_lengths(needed_bits, self.block_bits)
             if size_of(lengths) > budget_bytes:
                 raise BudgetTooSmall(
-                    "binary-code", budget_bytes, size_of(lengths),
+                    self.name, budget_bytes, size_of(lengths),
                     f"blocks of {self.block_bits} bits over {needed_bits}-bit codes; unset block_bits to solve them",
                 )
         else:
@@ -208,14 +222,14 @@ class BinaryCodeEmbedding(Scheme):
             if solved is None:
                 minimum = size_of([1] * needed_bits)
                 raise BudgetTooSmall(
-                    "binary-code", budget_bytes, minimum,
+                    self.name, budget_bytes, minimum,
                     f"{needed_bits}-bit codes need two rows per bit"
                     f"{'' if vocabulary_bytes == 8 else f', and {vocabulary_bytes:,} bytes of ID dictionary'}",
                 )
             lengths = solved
-        params = dict(self._params, block_lengths=lengths, code_bits=sum(lengths))
+        params = dict(self.get_params(), block_lengths=lengths, code_bits=sum(lengths))
         notes = {"vocabulary_bytes": vocabulary_bytes, "index_bits": needed_bits}
-        return SchemePlan("binary-code", params, size_of(lengths), budget_bytes, notes)
+        return SchemePlan(self.name, params, size_of(lengths), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

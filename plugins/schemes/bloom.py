@@ -3,8 +3,6 @@ rows of ONE shared table of m rows (the ID's Bloom-filter bits times the first l
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from embbench_plugins.schemes.multi_hashing import MultiHashing
 
 
@@ -12,8 +10,6 @@ class BloomEmbedding(MultiHashing):
     """Bloom embedding: k hashes into one shared table of m rows, the k rows summed; m solved from the budget."""
 
     summary = "Bloom embedding (Serrà & Karatzoglou 2017): k hashes into one shared table, summed"
-    scheme_name: ClassVar[str] = "bloom"
 
     def __init__(self, num_hashes: int = 2, rows: int | None = None) -> None:
         super().__init__(num_hashes=num_hashes, rows=rows, combiner="sum", shared=True)
-        self._params = {"num_hashes": num_hashes, "rows": rows}

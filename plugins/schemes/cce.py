@@ -9,6 +9,8 @@ get the learned assignment of their slot.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -19,8 +21,10 @@ from embbench import (
     EmbeddingTable,
     FeatureSpec,
     HashFamily,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
     largest_fitting,
 )
 
@@ -63,7 +67,7 @@ def kmeans(points: torch.Tensor, num_clusters: int, iterations: int, generator: 
     return centroids
 
 
-class CCELookup(nn.Module):
+class CCELookup(TableBackedEmbedding):
     """ID -> slot s = h(x) mod S; column j's part = clustered[assignment[s, j]] + hashed[g_j(s)]; parts concatenated."""
 
     def __init__(
@@ -91,8 +95,9 @@ class CCELookup(nn.Module):
         self.register_buffer("assignment", initial.to(dtype))
         # One hash family per column, so that re-clustering one column re-draws only that column's hash.
         self.column_hashes = nn.ModuleList(HashFamily(1, rows, seed=seed + 2 + j) for j in range(columns))
-        self.clustered = EmbeddingTable(columns * rows, self.chunk, seed=seed + 2 + columns)
-        self.hashed = EmbeddingTable(columns * rows, self.chunk, seed=seed + 3 + columns)
+        # Each table is read once per column (its rows of that column pooled for every ID).
+        self.clustered = EmbeddingTable(columns * rows, self.chunk, seed=seed + 2 + columns, lookups=columns)
+        self.hashed = EmbeddingTable(columns * rows, self.chunk, seed=seed + 3 + columns, lookups=columns)
         self.register_buffer("column_offsets", torch.arange(columns) * rows, persistent=False)
 
     def rows_of_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,12 +110,22 @@ class CCELookup(nn.Module):
         return torch.cat(self.rows_of_slots(self.slot_hash(ids)[:, 0]), dim=1)
 
     def embed_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``slots``, read from the tables directly (for re-clustering between epochs;
+        the tables may be held by a collection)."""
         clustered, hashed = self.rows_of_slots(slots)
         parts = self.clustered(clustered.reshape(-1)) + self.hashed(hashed.reshape(-1))
         return parts.reshape(len(slots), self.dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_slots(self.slot_hash(ids)[:, 0])
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        """Column j's clustered row (c reads of the clustered table), then column j's hashed row (c reads)."""
+        clustered, hashed = self.rows_of_slots(self.slot_hash(ids)[:, 0])
+        return [self.clustered.lookup(clustered[:, j]) for j in range(self.columns)] + [
+            self.hashed.lookup(hashed[:, j]) for j in range(self.columns)
+        ]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        clustered, hashed = pooled[: self.columns], pooled[self.columns :]
+        return torch.cat([first + second for first, second in zip(clustered, hashed, strict=True)], dim=1)
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int) -> None:
@@ -172,11 +187,6 @@ class ClusteredCompositional(Scheme):
         if not 1 <= kmeans_points <= 1 << 24:
             raise ValueError(f"kmeans_points must be in [1, {1 << 24}], got {kmeans_points}")
         self.num_columns, self.rows, self.assignment_share = num_columns, rows, assignment_share
-        self._params = {
-            "num_columns": num_columns, "rows": rows, "assignment_share": assignment_share,
-            "max_clusterings": max_clusterings, "kmeans_iterations": kmeans_iterations,
-            "kmeans_points": kmeans_points,
-        }
 
     @staticmethod
     def size_bytes(num_slots: int, rows: int, columns: int, dim: int) -> int:
@@ -189,7 +199,7 @@ class ClusteredCompositional(Scheme):
         lowest_rows = self.rows or 1
         minimum = self.size_bytes(1, lowest_rows, columns, feature.dim)
         if minimum > budget_bytes:
-            raise BudgetTooSmall("cce", budget_bytes, minimum, f"one slot and {lowest_rows} rows per column")
+            raise BudgetTooSmall(self.name, budget_bytes, minimum, f"one slot and {lowest_rows} rows per column")
         slots, rows = 1, lowest_rows
         for entry_bytes in (2, 4):  # the slots' share assumes int16 entries; redo if k needs int32
             affordable = int(self.assignment_share * budget_bytes) // (columns * entry_bytes)
@@ -207,9 +217,9 @@ class ClusteredCompositional(Scheme):
             slots = max(1, slots // 2)  # a fixed k left too little room for the slots' share
         size = self.size_bytes(slots, rows, columns, feature.dim)
         if size > budget_bytes:
-            raise BudgetTooSmall("cce", budget_bytes, size, f"one slot and {rows} rows per column")
-        params = dict(self._params, columns=columns, rows=rows, slots=slots)
-        return SchemePlan("cce", params, size, budget_bytes)
+            raise BudgetTooSmall(self.name, budget_bytes, size, f"one slot and {rows} rows per column")
+        params = dict(self.get_params(), columns=columns, rows=rows, slots=slots)
+        return SchemePlan(self.name, params, size, budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,10 @@ from embbench import (
     BudgetTooSmall,
     EmbeddingTable,
     FeatureSpec,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
     VocabularyIndex,
     largest_fitting,
 )
@@ -55,7 +58,7 @@ def partition_sizes(num_indices: int, num_partitions: int, first_size: int) -> l
     return [first_size] + balanced_sizes(quotient_range, num_partitions - 1)
 
 
-class CompositionalLookup(nn.Module):
+class CompositionalLookup(TableBackedEmbedding):
     """Dense index i -> mixed-radix digits (i mod m_1, (i // m_1) mod m_2, ...) -> one row per partition,
     combined by add, mult or concat."""
 
@@ -85,9 +88,12 @@ class CompositionalLookup(nn.Module):
         dense = self.index(ids).unsqueeze(1)
         return torch.div(dense, self.radix_strides, rounding_mode="floor") % self.radix_sizes
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
         digits = self.index_tuples(ids)
-        parts = [table(digits[:, position]) for position, table in enumerate(self.tables)]
+        return [table.lookup(digits[:, position]) for position, table in enumerate(self.tables)]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = list(pooled)
         if self.operation == "concat":
             return torch.cat(parts, dim=1)
         if self.operation == "mult":
@@ -124,7 +130,6 @@ class CompositionalEmbedding(Scheme):
                 )
             num_partitions, dims = count, list(dims)
         self.num_partitions, self.operation, self.dims = num_partitions, operation, dims
-        self._params = {"num_partitions": num_partitions, "operation": operation, "dims": dims}
 
     def partition_dims(self, dim: int, count: int) -> list[int]:
         """Each partition's row width: the embedding dim, or for concat ``dims`` (default: an equal split)."""
@@ -171,14 +176,18 @@ class CompositionalEmbedding(Scheme):
         if first_size is None:
             dictionary = "" if vocabulary_bytes == ID_BYTES else f", and {vocabulary_bytes:,} bytes of ID dictionary"
             raise BudgetTooSmall(
-                "compositional", budget_bytes, size_of(smallest_first),
+                self.name, budget_bytes, size_of(smallest_first),
                 f"{count} partitions of {sizes_for(smallest_first)} rows for {num_indices:,} indices{dictionary}",
             )
         params = dict(
-            self._params, num_partitions=count, partition_dims=dims, partition_sizes=sizes_for(first_size)
+            self.get_params(),
+            num_partitions=count,
+            dims=self.dims,  # as validated: a list, or None
+            partition_dims=dims,
+            partition_sizes=sizes_for(first_size),
         )
         notes = {"vocabulary_bytes": vocabulary_bytes}
-        return SchemePlan("compositional", params, size_of(first_size), budget_bytes, notes)
+        return SchemePlan(self.name, params, size_of(first_size), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

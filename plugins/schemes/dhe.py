@@ -362,14 +362,9 @@ class DeepHashEmbedding(Scheme):
             raise ValueError(f"fourier_scale must be a positive finite number, got {fourier_scale}")
         self.num_hashes, self.num_buckets, self.hidden_layers = num_hashes, num_buckets, hidden_layers
         self.width, self.activation, self.batch_norm, self.encoding = width, activation, batch_norm, encoding
-        self.architecture = architecture
-        self._params = {
-            "num_hashes": num_hashes, "num_buckets": num_buckets, "hidden_layers": hidden_layers,
-            "width": width, "activation": activation, "batch_norm": batch_norm, "encoding": encoding,
-            "architecture": architecture, "fourier_scale": float(fourier_scale),
-            "cache_known_ids": bool(cache_known_ids), "compile": bool(compile),
-            "side_features": bool(side_features),
-        }
+        self.architecture, self.fourier_scale = architecture, float(fourier_scale)
+        self.cache_known_ids, self.compile = bool(cache_known_ids), bool(compile)
+        self.side_features = bool(side_features)
 
     def encoding_dim(self, id_bits: int = 1) -> int:
         """Features of the encoding: k, except 1 for identity and the training IDs' bit count for binary."""
@@ -386,7 +381,7 @@ class DeepHashEmbedding(Scheme):
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         id_scale, id_bits = id_range(feature.ids)
         # With side_features, a feature that has them (items with genres) appends them to the encoding.
-        side_dim = feature.side.shape[1] if self._params["side_features"] and feature.side is not None else 0
+        side_dim = feature.side.shape[1] if self.side_features and feature.side is not None else 0
         encoding_dim = self.encoding_dim(id_bits) + side_dim
 
         def size_of(width: int) -> int:
@@ -400,12 +395,23 @@ class DeepHashEmbedding(Scheme):
             lowest = 1
         if width is None:
             raise BudgetTooSmall(
-                "dhe", budget_bytes, size_of(lowest),
+                self.name, budget_bytes, size_of(lowest),
                 f"{self.encoding} encoding of {encoding_dim} features, width {lowest}",
             )
-        params = dict(self._params, width=width, id_scale=id_scale, id_bits=id_bits, side_dim=side_dim)
+        params = dict(
+            self.get_params(),
+            # the normalised values: a float scale, true or false flags, whatever the suite file wrote
+            fourier_scale=self.fourier_scale,
+            cache_known_ids=self.cache_known_ids,
+            compile=self.compile,
+            side_features=self.side_features,
+            width=width,
+            id_scale=id_scale,
+            id_bits=id_bits,
+            side_dim=side_dim,
+        )
         notes = {"hidden_widths": hidden_widths(self.architecture, width, self.hidden_layers)}
-        return SchemePlan("dhe", params, size_of(width), budget_bytes, notes)
+        return SchemePlan(self.name, params, size_of(width), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

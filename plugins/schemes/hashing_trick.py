@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -13,12 +15,14 @@ from embbench import (
     EmbeddingTable,
     FeatureSpec,
     HashFamily,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
 )
 
 
-class HashedLookup(nn.Module):
+class HashedLookup(TableBackedEmbedding):
     def __init__(self, num_rows: int, dim: int, seed: int) -> None:
         super().__init__()
         self.hash = HashFamily(1, num_rows, seed=seed)
@@ -27,8 +31,11 @@ class HashedLookup(nn.Module):
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         return self.hash(ids)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table(self.hash(ids)[:, 0])
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        return [self.table.lookup(self.hash(ids)[:, 0])]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        return pooled[0]
 
 
 class HashingTrick(Scheme):
@@ -41,7 +48,6 @@ class HashingTrick(Scheme):
         if rows is not None and not 1 <= rows <= MERSENNE_PRIME:
             raise ValueError(f"rows must be in [1, {MERSENNE_PRIME}] or unset (solved from the budget), got {rows}")
         self.rows = rows
-        self._params = {"rows": rows}
 
     @staticmethod
     def size_bytes(rows: int, dim: int) -> int:
@@ -50,9 +56,9 @@ class HashingTrick(Scheme):
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         minimum = self.size_bytes(1 if self.rows is None else self.rows, feature.dim)
         if minimum > budget_bytes:
-            raise BudgetTooSmall("hashing-trick", budget_bytes, minimum)
+            raise BudgetTooSmall(self.name, budget_bytes, minimum)
         rows = self.rows or min(MERSENNE_PRIME, (budget_bytes - ID_BYTES) // (feature.dim * FLOAT_BYTES))
-        return SchemePlan("hashing-trick", {"rows": rows}, self.size_bytes(rows, feature.dim), budget_bytes)
+        return SchemePlan(self.name, {"rows": rows}, self.size_bytes(rows, feature.dim), budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         return HashedLookup(plan.params["rows"], feature.dim, seed)

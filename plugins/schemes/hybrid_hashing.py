@@ -7,6 +7,8 @@ the most frequent IDs that fit, so the double-hashing part always keeps the rest
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from embbench_plugins.schemes.multi_hashing import (
@@ -25,8 +27,10 @@ from embbench import (
     BudgetTooSmall,
     EmbeddingTable,
     FeatureSpec,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
     lookup_sorted,
 )
 
@@ -39,7 +43,21 @@ def most_frequent_ids(feature: FeatureSpec, count: int) -> np.ndarray:
     return np.sort(feature.ids[order[:count]]).astype(np.int64)
 
 
-class HybridLookup(nn.Module):
+def only_where(lookup: Lookup, mask: torch.Tensor) -> Lookup:
+    """``lookup`` with the bags of the IDs outside ``mask`` (bool [N]) emptied: they pool a zero vector, and
+    their rows get no gradient."""
+    if lookup.lengths is not None:
+        keep = torch.repeat_interleave(mask, lookup.lengths)
+        lengths = torch.where(mask, lookup.lengths, torch.zeros_like(lookup.lengths))
+        weights = None if lookup.weights is None else lookup.weights[keep]
+        return Lookup(lookup.table, lookup.indices[keep], lengths, weights)
+    per_id = 1 if lookup.indices.dim() == 1 else lookup.indices.shape[1]
+    lengths = mask.to(torch.int64) * per_id
+    weights = None if lookup.weights is None else lookup.weights[mask].reshape(-1)
+    return Lookup(lookup.table, lookup.indices[mask].reshape(-1), lengths, weights)
+
+
+class HybridLookup(TableBackedEmbedding):
     """Frequent IDs -> their dedicated row; every other ID -> the double-hashing tables."""
 
     def __init__(self, frequent_ids: torch.Tensor, rows: int, dim: int, combiner: str, seed: int) -> None:
@@ -63,13 +81,21 @@ class HybridLookup(nn.Module):
         dedicated = torch.stack((-1 - position, torch.full_like(position, -1)), dim=1)
         return torch.where(frequent.unsqueeze(1), dedicated, tuples)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hashed = self.hashed(ids)
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        """The hashed tables' reads for the IDs that are not frequent, then the dedicated table's read for
+        those that are: each ID reads (and trains) only the branch it takes."""
+        hashed = self.hashed.lookups(ids)
         if self.dedicated is None:
-            return hashed
+            return list(hashed)
         position, frequent = self.dedicated_rows(ids)
-        # where() routes gradients only to the branch each ID takes.
-        return torch.where(frequent.unsqueeze(1), self.dedicated(position), hashed)
+        rest = [only_where(lookup, ~frequent) for lookup in hashed]
+        return [*rest, self.dedicated.lookup(position[frequent], lengths=frequent.to(torch.int64))]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.dedicated is None:
+            return self.hashed.combine(ids, pooled)
+        # Every ID pooled rows in one branch only; the other branch is a zero vector.
+        return self.hashed.combine(ids, pooled[:-1]) + pooled[-1]
 
 
 class HybridHashing(Scheme):
@@ -97,12 +123,6 @@ class HybridHashing(Scheme):
         check_combiner(combiner)
         self.frequent_fraction, self.max_frequent_share = frequent_fraction, max_frequent_share
         self.rows, self.combiner = rows, combiner
-        self._params = {
-            "frequent_fraction": frequent_fraction,
-            "max_frequent_share": max_frequent_share,
-            "rows": rows,
-            "combiner": combiner,
-        }
 
     @staticmethod
     def frequent_bytes(num_frequent: int, dim: int) -> int:
@@ -117,16 +137,16 @@ class HybridHashing(Scheme):
         dims = table_dims(dim, NUM_HASHES, self.combiner, shared=False)
         hashed_minimum = multi_hash_size_bytes(self.rows or 1, dims)
         if hashed_minimum > budget_bytes:
-            raise BudgetTooSmall("hybrid-hashing", budget_bytes, hashed_minimum, "no frequent IDs, two hashed tables")
+            raise BudgetTooSmall(self.name, budget_bytes, hashed_minimum, "no frequent IDs, two hashed tables")
         per_frequent_id = self.frequent_bytes(1, dim)
         requested = int(self.frequent_fraction * feature.num_ids)
         within_share = int(self.max_frequent_share * budget_bytes) // per_frequent_id
         beside_hashed = (budget_bytes - hashed_minimum) // per_frequent_id
         num_frequent = min(requested, within_share, beside_hashed)
-        rows = solve_rows("hybrid-hashing", self.rows, dims, budget_bytes - self.frequent_bytes(num_frequent, dim), "")
-        params = dict(self._params, rows=rows, frequent_ids=num_frequent)
+        rows = solve_rows(self.name, self.rows, dims, budget_bytes - self.frequent_bytes(num_frequent, dim), "")
+        params = dict(self.get_params(), rows=rows, frequent_ids=num_frequent)
         notes = {"frequent_ids_requested": requested}
-        return SchemePlan("hybrid-hashing", params, self.size_bytes(num_frequent, rows, dim), budget_bytes, notes)
+        return SchemePlan(self.name, params, self.size_bytes(num_frequent, rows, dim), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

@@ -13,12 +13,24 @@ segments and an iteration counter).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from embbench import FLOAT_BYTES, ID_BYTES, BudgetTooSmall, EmbeddingTable, FeatureSpec, PluginError, Scheme, SchemePlan
+from embbench import (
+    FLOAT_BYTES,
+    ID_BYTES,
+    BudgetTooSmall,
+    EmbeddingTable,
+    FeatureSpec,
+    Lookup,
+    PluginError,
+    Scheme,
+    SchemePlan,
+    TableBackedEmbedding,
+)
 
 #: eviction policy name -> number of int64 metadata buffers torchrec keeps per slot
 EVICTION_POLICIES = {"lfu": 1, "lru": 1, "distance-lfu": 2}
@@ -47,7 +59,7 @@ def _torchrec_mch() -> Any:
     return mc_modules, JaggedTensor
 
 
-class ManagedCollisionLookup(nn.Module):
+class ManagedCollisionLookup(TableBackedEmbedding):
     """Raw IDs -> torchrec MCH remapping -> rows of one table."""
 
     def __init__(self, rows: int, dim: int, eviction_policy: str, eviction_interval: int, seed: int) -> None:
@@ -99,12 +111,20 @@ class ManagedCollisionLookup(nn.Module):
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids).unsqueeze(1)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def record(self, ids: torch.Tensor) -> None:
+        """Buffer a training batch's IDs; every ``eviction_interval`` batches, update the remapping."""
+        self._pending.append(ids.detach().cpu())
+        if len(self._pending) >= self.eviction_interval:
+            self.update_remapping()
+
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        # Recorded here, not in forward: inside a collection only lookups() sees the batch.
         if self.training:
-            self._pending.append(ids.detach().cpu())
-            if len(self._pending) >= self.eviction_interval:
-                self.update_remapping()
-        return self.table(self.rows(ids))
+            self.record(ids)
+        return [self.table.lookup(self.rows(ids))]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        return pooled[0]
 
     def on_epoch_end(self, epoch: int) -> None:
         self.update_remapping()  # evaluation sees every ID of the epoch profiled
@@ -130,7 +150,6 @@ class ManagedCollision(Scheme):
         if eviction_interval < 1:
             raise ValueError(f"eviction_interval must be >= 1 (training batches), got {eviction_interval}")
         self.rows, self.eviction_policy, self.eviction_interval = rows, eviction_policy, eviction_interval
-        self._params = {"rows": rows, "eviction_policy": eviction_policy, "eviction_interval": eviction_interval}
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         def size_of(rows: int) -> int:
@@ -138,14 +157,14 @@ class ManagedCollision(Scheme):
 
         minimum = size_of(self.rows or MIN_ROWS)
         if minimum > budget_bytes:
-            raise BudgetTooSmall("managed-collision", budget_bytes, minimum, "torchrec's fixed state is 8,208 bytes")
+            raise BudgetTooSmall(self.name, budget_bytes, minimum, "torchrec's fixed state is 8,208 bytes")
         if self.rows is not None:
             rows = self.rows
         else:  # more than a slot per training ID (plus the shared row) would stay empty
             per_slot = size_of(1) - FIXED_STATE_BYTES
             rows = min((budget_bytes - FIXED_STATE_BYTES) // per_slot, feature.num_ids + 1)
         params = {"rows": rows, "eviction_policy": self.eviction_policy, "eviction_interval": self.eviction_interval}
-        return SchemePlan("managed-collision", params, size_of(rows), budget_bytes)
+        return SchemePlan(self.name, params, size_of(rows), budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         params = plan.params

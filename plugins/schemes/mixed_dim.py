@@ -4,6 +4,8 @@ projected up to d. The dims are scaled to fill the budget."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,8 +16,10 @@ from embbench import (
     BudgetTooSmall,
     EmbeddingTable,
     FeatureSpec,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
     lookup_sorted,
 )
 
@@ -53,7 +57,7 @@ def power_law_dims(popularity: np.ndarray, alpha: float, scale: float, dim: int)
     return [int(d) for d in np.clip(np.round(scale * popularity**alpha), 1, dim)]
 
 
-class MixedDimLookup(nn.Module):
+class MixedDimLookup(TableBackedEmbedding):
     """Raw ID -> (block, row) through per-block sorted ID dictionaries; row of dim d_i -> projection to d."""
 
     def __init__(self, block_ids: list[torch.Tensor], block_dims: list[int], dim: int, seed: int) -> None:
@@ -90,17 +94,22 @@ class MixedDimLookup(nn.Module):
     def index_tuples(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack(self.locate(ids), dim=1)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        """One read of each block's table, a bag per ID: its row for the IDs in the block, empty elsewhere."""
         block_of, row_of = self.locate(ids)
-        out = torch.zeros(len(ids), self.dim, device=ids.device)
+        reads = []
         for block, table in enumerate(self.tables):
-            members = torch.nonzero(block_of == block).squeeze(1)
-            if len(members) == 0:  # torchrec rejects an empty batch
-                continue
-            rows = table(row_of[members])
+            members = block_of == block
+            reads.append(table.lookup(row_of[members], lengths=members.to(torch.int64)))
+        return reads
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sum of each block's projected rows: an ID's own block gives its embedding, the others zeros."""
+        out = torch.zeros(len(ids), self.dim, device=ids.device)
+        for block, rows in enumerate(pooled):
             if str(block) in self.projections:
                 rows = rows @ self.projections[str(block)]
-            out = out.index_put((members,), rows)
+            out = out + rows
         return out
 
 
@@ -119,7 +128,6 @@ class MixedDimension(Scheme):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.num_blocks, self.alpha = num_blocks, alpha
-        self._params = {"num_blocks": num_blocks, "alpha": alpha}
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         blocks, popularity = frequency_blocks(feature, self.num_blocks)
@@ -131,7 +139,7 @@ class MixedDimension(Scheme):
         minimum = size_of([1] * len(blocks))
         if minimum > budget_bytes:
             raise BudgetTooSmall(
-                "mixed-dim", budget_bytes, minimum, "the int64 ID dictionary and every block at dim 1"
+                self.name, budget_bytes, minimum, "the int64 ID dictionary and every block at dim 1"
             )
         # The largest scale lambda with d_i = round(lambda * p_i^alpha) fitting, by bisection on log lambda.
         weights = np.maximum(popularity / popularity.max(), 1e-12)  # IDs counted 0 times
@@ -151,9 +159,9 @@ class MixedDimension(Scheme):
                 wider = block_dims[:block] + [block_dims[block] + 1] + block_dims[block + 1 :]
                 if block_dims[block] < feature.dim and size_of(wider) <= budget_bytes:
                     block_dims, grown = wider, True
-        params = dict(self._params, block_rows=block_rows, block_dims=block_dims)
+        params = dict(self.get_params(), block_rows=block_rows, block_dims=block_dims)
         notes = {"block_popularity": [float(p) for p in popularity]}
-        return SchemePlan("mixed-dim", params, size_of(block_dims), budget_bytes, notes)
+        return SchemePlan(self.name, params, size_of(block_dims), budget_bytes, notes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         blocks, _ = frequency_blocks(feature, self.num_blocks)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -19,8 +19,10 @@ from embbench import (
     EmbeddingTable,
     FeatureSpec,
     HashFamily,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
 )
 
 COMBINERS = ("sum", "mean", "concat")
@@ -46,7 +48,7 @@ def multi_hash_size_bytes(rows: int, dims: list[int]) -> int:
     return rows * sum(dims) * FLOAT_BYTES + ID_BYTES  # the tables and the one hash seed
 
 
-class MultiHashLookup(nn.Module):
+class MultiHashLookup(TableBackedEmbedding):
     """k hashes of each ID into ``rows`` buckets; hash j picks a row of table j (or of the one shared table)."""
 
     def __init__(self, num_hashes: int, rows: int, dim: int, combiner: str, shared: bool, seed: int) -> None:
@@ -64,15 +66,20 @@ class MultiHashLookup(nn.Module):
         # A shared table sums or averages its k rows, so their order does not matter: sort it away.
         return torch.sort(rows, dim=1).values if self.shared else rows
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        """Shared: one read of the k rows of each ID, summed; else one read of each table (row j of hash j)."""
         rows = self.hash(ids)
         if self.shared:
-            summed = self.tables[0](rows)
+            return [self.tables[0].lookup(rows)]
+        return [table.lookup(rows[:, j]) for j, table in enumerate(self.tables)]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.shared:
+            summed = pooled[0]
             return summed / self.num_hashes if self.combiner == "mean" else summed
-        parts = [table(rows[:, j]) for j, table in enumerate(self.tables)]
         if self.combiner == "concat":
-            return torch.cat(parts, dim=1)
-        summed = torch.stack(parts).sum(dim=0)
+            return torch.cat(list(pooled), dim=1)
+        summed = torch.stack(list(pooled)).sum(dim=0)
         return summed / self.num_hashes if self.combiner == "mean" else summed
 
 
@@ -101,7 +108,6 @@ class MultiHashing(Scheme):
 
     summary = "multi-hashing: k universal hashes into k tables (or one shared), summed; rows solved from the budget"
     unseen = "collided"
-    scheme_name: ClassVar[str] = "multi-hashing"
 
     def __init__(
         self, num_hashes: int = 2, rows: int | None = None, combiner: str = "sum", shared: bool = False
@@ -113,7 +119,6 @@ class MultiHashing(Scheme):
         if shared and combiner == "concat":
             raise ValueError("combiner must be 'sum' or 'mean' with shared=True ('concat' needs one table per hash)")
         self.num_hashes, self.rows, self.combiner, self.shared = num_hashes, rows, combiner, shared
-        self._params: dict[str, Any] = {"num_hashes": num_hashes, "rows": rows, "combiner": combiner, "shared": shared}
 
     def size_bytes(self, rows: int, dim: int) -> int:
         return multi_hash_size_bytes(rows, table_dims(dim, self.num_hashes, self.combiner, self.shared))
@@ -121,9 +126,9 @@ class MultiHashing(Scheme):
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         dims = table_dims(feature.dim, self.num_hashes, self.combiner, self.shared)
         detail = f"{len(dims)} table(s) of width {', '.join(map(str, sorted(set(dims))))}"
-        rows = solve_rows(self.scheme_name, self.rows, dims, budget_bytes, detail)
+        rows = solve_rows(self.name, self.rows, dims, budget_bytes, detail)
         params = {"num_hashes": self.num_hashes, "rows": rows, "combiner": self.combiner, "shared": self.shared}
-        return SchemePlan(self.scheme_name, params, multi_hash_size_bytes(rows, dims), budget_bytes)
+        return SchemePlan(self.name, params, multi_hash_size_bytes(rows, dims), budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params
@@ -134,8 +139,6 @@ class DoubleHashing(MultiHashing):
     """Double hashing (Zhang et al., RecSys 2020): two universal hashes into two tables of m rows, summed."""
 
     summary = "double hashing (Zhang et al. 2020): two hashes into two tables, summed; rows solved from the budget"
-    scheme_name: ClassVar[str] = "double-hashing"
 
     def __init__(self, rows: int | None = None, combiner: str = "sum") -> None:
         super().__init__(num_hashes=2, rows=rows, combiner=combiner, shared=False)
-        self._params = {"rows": rows, "combiner": combiner}

@@ -3,6 +3,8 @@ out of one shared circular array of M floats at hashed offsets; M is solved from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -14,20 +16,23 @@ from embbench import (
     EmbeddingTable,
     FeatureSpec,
     HashFamily,
+    Lookup,
     Scheme,
     SchemePlan,
+    TableBackedEmbedding,
 )
 
 
-class RobeLookup(nn.Module):
+class RobeLookup(TableBackedEmbedding):
     """Element i of x's embedding is array[(h_{i // Z}(x) + i mod Z) mod M]: d/Z blocks of Z consecutive values."""
 
     def __init__(self, array_size: int, dim: int, block_size: int, seed: int) -> None:
         super().__init__()
         num_blocks = -(-dim // block_size)  # the last block is shorter when Z does not divide d
         self.hash = HashFamily(num_blocks, array_size, seed=seed)
-        # The array is a table of M rows of width 1, so it lives (and shards) like every other table.
-        self.array = EmbeddingTable(array_size, 1, seed=seed + 1)
+        # The array is a table of M rows of width 1, so it lives (and shards) like every other table; element i
+        # of an embedding is one read of it (d reads per forward).
+        self.array = EmbeddingTable(array_size, 1, seed=seed + 1, lookups=dim)
         self.array_size, self.dim, self.block_size = array_size, dim, block_size
         element = torch.arange(dim)
         self.register_buffer("block_of_element", element // block_size, persistent=False)
@@ -42,9 +47,13 @@ class RobeLookup(nn.Module):
         starts = self.hash(ids)[:, self.block_of_element]
         return torch.remainder(starts + self.offset_in_block, self.array_size)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookups(self, ids: torch.Tensor) -> list[Lookup]:
+        """Read i: the array value of element i of every ID's embedding."""
         positions = self.positions(ids)
-        return self.array(positions.reshape(-1)).reshape(len(ids), self.dim)
+        return [self.array.lookup(positions[:, element]) for element in range(self.dim)]
+
+    def combine(self, ids: torch.Tensor, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(pooled), dim=1)
 
 
 class ROBE(Scheme):
@@ -57,7 +66,6 @@ class ROBE(Scheme):
         if block_size is not None and not 1 <= block_size <= 1 << 16:
             raise ValueError(f"block_size must be in [1, 65536] or unset (Z = the embedding dim), got {block_size}")
         self.block_size = block_size
-        self._params = {"block_size": block_size}
 
     @staticmethod
     def size_bytes(array_size: int) -> int:
@@ -67,10 +75,10 @@ class ROBE(Scheme):
         block_size = min(self.block_size or feature.dim, feature.dim)
         minimum = self.size_bytes(1)
         if minimum > budget_bytes:
-            raise BudgetTooSmall("robe", budget_bytes, minimum, "an array of one float and the hash seed")
+            raise BudgetTooSmall(self.name, budget_bytes, minimum, "an array of one float and the hash seed")
         array_size = min(MERSENNE_PRIME, (budget_bytes - ID_BYTES) // FLOAT_BYTES)
         params = {"block_size": block_size, "array_size": array_size}
-        return SchemePlan("robe", params, self.size_bytes(array_size), budget_bytes)
+        return SchemePlan(self.name, params, self.size_bytes(array_size), budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         return RobeLookup(plan.params["array_size"], feature.dim, plan.params["block_size"], seed)

@@ -167,7 +167,6 @@ class TTRec(Scheme):
         if not 1.0 <= index_space <= 1024.0:
             raise ValueError(f"index_space must be in [1, 1024] (hashed indices per training ID), got {index_space}")
         self.num_cores, self.rank, self.mapping, self.index_space = num_cores, rank, mapping, index_space
-        self._params = {"num_cores": num_cores, "rank": rank, "mapping": mapping, "index_space": index_space}
 
     def shapes(self, feature: FeatureSpec) -> tuple[list[int], list[int], int]:
         """The vocabulary factors v_i, the dimension factors d_i, and the size of the dense index space."""
@@ -189,7 +188,7 @@ class TTRec(Scheme):
         lowest = [self.rank or 1] * num_ranks
         minimum = self.size_bytes(feature, lowest)
         if minimum > budget_bytes:
-            raise BudgetTooSmall("tt-rec", budget_bytes, minimum, f"{self.num_cores} cores of TT rank {lowest[0]}")
+            raise BudgetTooSmall(self.name, budget_bytes, minimum, f"{self.num_cores} cores of TT rank {lowest[0]}")
         if self.rank is not None:
             ranks = lowest
         else:
@@ -203,9 +202,9 @@ class TTRec(Scheme):
                 ranks[position] = largest_fitting(size_of, ranks[position], MAX_RANK, budget_bytes)
         row_factors, dim_factors, index_size = self.shapes(feature)
         params = dict(
-            self._params, ranks=ranks, row_factors=row_factors, dim_factors=dim_factors, index_size=index_size
+            self.get_params(), ranks=ranks, row_factors=row_factors, dim_factors=dim_factors, index_size=index_size
         )
-        return SchemePlan("tt-rec", params, self.size_bytes(feature, ranks), budget_bytes)
+        return SchemePlan(self.name, params, self.size_bytes(feature, ranks), budget_bytes)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params

@@ -19,14 +19,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from embbench.ctr import CTRData, CTRDataset
-from embbench.data import Dataset
-from embbench.errors import ConfigError
-from embbench.metrics import classification_metrics
-from embbench.models import CTRModel, RecModel
-from embbench.schemes import FeatureSpec
-from embbench.tasks import Task, TaskData
-from embbench.training import EpochRows, TrainConfig
+from embbench import (
+    ConfigError,
+    CTRData,
+    CTRDataset,
+    CTRModel,
+    Dataset,
+    EpochRows,
+    FeatureSpec,
+    RecModel,
+    Task,
+    TaskData,
+    TrainConfig,
+    classification_metrics,
+)
 
 POSITIVE_AT_LEAST = 4.0
 NEGATIVE_AT_MOST = 2.0
@@ -132,12 +138,12 @@ class RatingClassification(_Classification):
         return TaskData(features, payload, summary)
 
     def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
-        return model_class(nn.Embedding(1, dim), nn.Embedding(1, dim), dim, **params)
+        return model_class({"user": nn.Embedding(1, dim), "item": nn.Embedding(1, dim)}, dim, **params)
 
     def build_model(
         self, model_class: type, embeddings: Mapping[str, nn.Module], data: TaskData, dim: int, params: dict
     ) -> nn.Module:
-        return model_class(embeddings["user"], embeddings["item"], dim, **params)
+        return model_class(embeddings, dim, **params)
 
 
 class ClickThrough(_Classification):
@@ -174,4 +180,4 @@ class ClickThrough(_Classification):
     def build_model(
         self, model_class: type, embeddings: Mapping[str, nn.Module], data: TaskData, dim: int, params: dict
     ) -> nn.Module:
-        return model_class(dict(embeddings), data.payload["num_dense"], dim, **params)
+        return model_class(embeddings, data.payload["num_dense"], dim, **params)

@@ -11,14 +11,88 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from embbench.data import Dataset, Split, features_of, prepare_split
-from embbench.latency import pool_batch
-from embbench.models import RecModel
-from embbench.tasks import Task, TaskData
-from embbench.training import EpochRows, RankingTask, TrainConfig, evaluate
+from embbench import (
+    Dataset,
+    EpochRows,
+    RankingAccumulator,
+    RecModel,
+    Split,
+    Task,
+    TaskData,
+    TrainConfig,
+    features_of,
+    pool_batch,
+    prepare_split,
+)
+
+
+class RankingIndex:
+    """Index arrays for full-ranking evaluation of one split, built once and reused every epoch."""
+
+    def __init__(self, split: Split) -> None:
+        self.items = torch.as_tensor(split.items, dtype=torch.int64)
+        self.users = torch.as_tensor(split.users, dtype=torch.int64)
+        self.num_items = len(split.items)
+        self.train_user_rows = np.searchsorted(split.users, split.train["user"].to_numpy())
+        self.train_item_cols = np.searchsorted(split.items, split.train["item"].to_numpy())
+        order = np.argsort(self.train_user_rows, kind="stable")
+        self.train_user_rows, self.train_item_cols = self.train_user_rows[order], self.train_item_cols[order]
+        self.held_out: dict[str, np.ndarray] = {}
+        for name, frame in (("validation", split.validation), ("test", split.test)):
+            rows = np.searchsorted(split.users, frame["user"].to_numpy())
+            cols = np.full(len(split.users), -1, dtype=np.int64)
+            cols[rows] = np.searchsorted(split.items, frame["item"].to_numpy())
+            self.held_out[name] = cols
+        self.row_starts = np.searchsorted(self.train_user_rows, np.arange(len(split.users) + 1))
+        self.train_users = torch.tensor(split.train["user"].to_numpy(), dtype=torch.int64)
+        self.train_items = torch.tensor(split.train["item"].to_numpy(), dtype=torch.int64)
+
+    def epoch_rows(self, negatives_per: int, generator: torch.Generator) -> EpochRows:
+        """Every training interaction (label 1) and ``negatives_per`` items per interaction drawn uniformly
+        from the catalogue for the same user (label 0)."""
+        negative_cols = torch.randint(0, self.num_items, (len(self.train_items) * negatives_per,), generator=generator)
+        users = torch.cat((self.train_users, self.train_users.repeat_interleave(negatives_per)))
+        items = torch.cat((self.train_items, self.items[negative_cols]))
+        labels = torch.cat((torch.ones(len(self.train_items)), torch.zeros(len(negative_cols))))
+        return (users, items), labels
+
+    def excluded_mask(self, which: str, start: int, stop: int) -> torch.Tensor:
+        """bool [stop-start, M]: the users' training items and their other held-out item."""
+        mask = torch.zeros(stop - start, self.num_items, dtype=torch.bool)
+        lo, hi = self.row_starts[start], self.row_starts[stop]
+        rows = torch.as_tensor(self.train_user_rows[lo:hi] - start)
+        mask[rows, torch.as_tensor(self.train_item_cols[lo:hi])] = True
+        other = "test" if which == "validation" else "validation"
+        other_cols = torch.as_tensor(self.held_out[other][start:stop])
+        mask[torch.arange(stop - start), other_cols] = True
+        positive = torch.as_tensor(self.held_out[which][start:stop])
+        mask[torch.arange(stop - start), positive] = False
+        return mask
+
+
+@torch.no_grad()
+def evaluate_ranking(
+    model: RecModel, index: RankingIndex, which: str, device: torch.device, batch_users: int
+) -> dict[str, float]:
+    """Mean AUC, HR@10 and NDCG@10 of ranking each user's held-out item among all non-interacted items."""
+    was_training = model.training
+    model.eval()
+    item_vectors = torch.cat(
+        [model.item_embedding(chunk.to(device)) for chunk in index.items.split(65536)], dim=0
+    )
+    accumulator = RankingAccumulator()
+    for start in range(0, len(index.users), batch_users):
+        stop = min(start + batch_users, len(index.users))
+        user_vectors = model.user_embedding(index.users[start:stop].to(device))
+        scores = model.interact_all(user_vectors, item_vectors).float().cpu()
+        positive = torch.as_tensor(index.held_out[which][start:stop])
+        accumulator.add(scores, positive, index.excluded_mask(which, start, stop))
+    model.train(was_training)
+    return accumulator.result()
 
 
 @dataclass
@@ -28,8 +102,8 @@ class RankingData:
     split: Split
 
     @functools.cached_property
-    def index(self) -> RankingTask:
-        return RankingTask(self.split)
+    def index(self) -> RankingIndex:
+        return RankingIndex(self.split)
 
 
 class Ranking(Task):
@@ -48,10 +122,10 @@ class Ranking(Task):
     def build_model(
         self, model_class: type, embeddings: Mapping[str, nn.Module], data: TaskData, dim: int, params: dict
     ) -> nn.Module:
-        return model_class(embeddings["user"], embeddings["item"], dim, **params)
+        return model_class(embeddings, dim, **params)
 
     def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
-        return model_class(nn.Embedding(1, dim), nn.Embedding(1, dim), dim, **params)
+        return model_class({"user": nn.Embedding(1, dim), "item": nn.Embedding(1, dim)}, dim, **params)
 
     def epoch_rows(self, data: TaskData, config: TrainConfig, generator: torch.Generator) -> EpochRows:
         return data.payload.index.epoch_rows(config.num_negatives, generator)
@@ -59,7 +133,7 @@ class Ranking(Task):
     def evaluate(
         self, model: nn.Module, data: TaskData, which: str, device: torch.device, config: TrainConfig
     ) -> dict[str, float]:
-        return evaluate(model, data.payload.index, which, device, config.eval_batch_users)
+        return evaluate_ranking(model, data.payload.index, which, device, config.eval_batch_users)
 
     def model_batch(self, data: TaskData, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         split: Split = data.payload.split
