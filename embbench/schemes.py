@@ -9,13 +9,15 @@ parameter and persistent buffer, in bytes. :func:`build_embedding` holds the two
 A built module may also offer, and the core uses when present:
 
 - ``index_tuples(ids) -> int64 [N, t]``: the rows or codes that alone determine each ID's embedding, for
-  collision statistics (:mod:`embbench.collisions`);
+  collision statistics (:mod:`embbench.measure.collisions`);
 - ``on_epoch_end(epoch: int) -> None``: called by the trainer after each training epoch (e.g. CCE
   re-clusters there). It must not change the module's size.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 from abc import ABC, abstractmethod
@@ -92,6 +94,8 @@ def full_table_bytes(num_ids: int, dim: int) -> int:
     return (num_ids + 1) * dim * FLOAT_BYTES + num_ids * ID_BYTES
 
 
+#: the largest byte budget accepted (an exabyte: far beyond any machine; bounds arithmetic on it)
+MAX_BUDGET_BYTES = 2**60
 _BYTES_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -104,25 +108,37 @@ class Budget:
 
     @classmethod
     def parse(cls, value: Any) -> Budget:
+        """A budget from its text: a fraction in (0, 1] ("1/4", "0.25", 0.25) or bytes ("65536b", "64MB",
+        "1.5GiB", at most 2^60); ConfigError otherwise."""
         if isinstance(value, Budget):
             return value
         text = str(value).strip().lower().replace("_", "")
-        match = re.fullmatch(r"([0-9.]+)\s*(b|kb|mb|gb|kib|mib|gib)", text)
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(b|kb|mb|gb|kib|mib|gib)", text)
         if match:
-            number = float(match.group(1))
-            size = int(number * _BYTES_UNITS[match.group(2)])
+            if len(match.group(1)) > 30:
+                raise ConfigError(f"budget '{value}' is too large: at most {MAX_BUDGET_BYTES:,} bytes")
+            size = math.floor(Fraction(match.group(1)) * _BYTES_UNITS[match.group(2)])
             if size < 1:
                 raise ConfigError(f"budget '{value}' must be at least 1 byte")
+            if size > MAX_BUDGET_BYTES:
+                raise ConfigError(f"budget '{value}' is too large: at most {MAX_BUDGET_BYTES:,} bytes")
             return cls(absolute_bytes=size)
-        try:
-            fraction = Fraction(text) if "/" in text else Fraction(text).limit_denominator(10**6)
-        except (ValueError, ZeroDivisionError):
+        if not re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d{1,3})?(/\d+(?:\.\d*)?)?", text) or len(text) > 40:
             raise ConfigError(
                 f"budget '{value}' is neither a fraction of the full table (1, 1/4, 0.25) nor a size in "
                 "bytes (65536b, 64MB, 1.5GiB)"
-            ) from None
+            )
+        try:
+            fraction = Fraction(text) if "/" in text else Fraction(text).limit_denominator(10**6)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"budget '{value}' is not a valid fraction (1, 1/4, 0.25)") from None
         if fraction <= 0:
             raise ConfigError(f"budget '{value}' must be positive")
+        if fraction > 1:
+            raise ConfigError(
+                f"budget '{value}' is more than the full table; a fraction is at most 1 (give bytes, e.g. '64MB', "
+                "for an absolute budget)"
+            )
         return cls(fraction=fraction)
 
     def resolve(self, num_ids: int, dim: int) -> int:
@@ -156,28 +172,44 @@ class Budget:
 
 @dataclass(frozen=True)
 class SchemePlan:
-    """A scheme resolved for one feature and budget: every hyper-parameter, and the exact size."""
+    """A scheme resolved for one feature and budget: every hyper-parameter, and the exact size.
+
+    ``unseen`` is how this plan embeds IDs never seen in training, where the plan decides it (one of
+    ``UNSEEN_KINDS``); None means the scheme class's ``unseen`` (see :meth:`Scheme.unseen_for`).
+    """
 
     scheme: str
     params: dict[str, Any]
     size_bytes: int
     budget_bytes: int
     notes: dict[str, Any] = field(default_factory=dict)
+    unseen: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.unseen is not None and self.unseen not in UNSEEN_KINDS:
+            raise ValueError(
+                f"plan of scheme '{self.scheme}': unseen must be one of {', '.join(UNSEEN_KINDS)} or None, "
+                f"got {self.unseen!r}"
+            )
 
 
 class Scheme(ABC):
     """Base class of embedding scheme plugins (see docs/plugins.md).
 
     Subclasses take their hyper-parameters as explicit keyword arguments with defaults and validate them in
-    ``__init__`` (raise ``ValueError`` naming the parameter and its allowed range).
+    ``__init__`` (raise ``ValueError`` naming the parameter and its allowed range). The base class records the
+    arguments each constructor is called with, so :meth:`get_params` needs no bookkeeping in the subclass.
+
+    ``name`` (an instance attribute) is the name the scheme is registered under: the registry sets it when it
+    creates the scheme, so a plugin writes ``SchemePlan(self.name, ...)`` and ``BudgetTooSmall(self.name,
+    ...)``. A scheme constructed directly is named after its class (``HashingTrick`` -> ``hashing-trick``).
     """
 
     #: one-line description shown by ``embbench list schemes``
     summary: ClassVar[str] = ""
-    #: how an ID never seen in training is embedded: "dedicated", "collided" or "generated"
+    #: how an ID never seen in training is embedded: "dedicated", "collided" or "generated"; a plan may state
+    #: its own (``SchemePlan.unseen``)
     unseen: ClassVar[str] = "collided"
-    #: registry name, set by :func:`embbench.registry` users; informative only
-    name: ClassVar[str] = ""
     #: whether ``plan`` solves its knobs from the budget and so uses at least 90% of it (the contract tests
     #: hold schemes to that); False for schemes of a fixed size, such as the full table
     fills_budget: ClassVar[bool] = True
@@ -190,14 +222,65 @@ class Scheme(ABC):
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         """The embedding module for ``plan``: forward(int64 [N]) -> float [N, feature.dim]."""
 
+    @property
+    def name(self) -> str:
+        """The registered name (set by the registry), else a name derived from the class."""
+        return self.__dict__.get("_scheme_name") or Scheme._name_from_class(type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["_scheme_name"] = str(value)
+
     def get_params(self) -> dict[str, Any]:
-        """The hyper-parameters this scheme was created with (scikit-learn style)."""
-        return dict(getattr(self, "_params", {}))
+        """The hyper-parameters this scheme was created with (scikit-learn style): the arguments of its
+        constructor, bound to the constructor's signature with defaults applied."""
+        return dict(self.__dict__.get("_constructor_params", {}))
+
+    @classmethod
+    def unseen_for(cls, plan: SchemePlan | None = None) -> str:
+        """How IDs never seen in training are embedded under ``plan``: the plan's own ``unseen`` where it
+        states one, else the class's."""
+        if plan is not None and plan.unseen is not None:
+            return plan.unseen
+        return cls.unseen
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.unseen not in UNSEEN_KINDS:
             raise TypeError(f"{cls.__name__}.unseen must be one of {UNSEEN_KINDS}")
+        if "__init__" in cls.__dict__:
+            cls.__init__ = Scheme._recording_params(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @staticmethod
+    def _recording_params(init: Any) -> Any:
+        """``init`` wrapped so that, called as the instance's own constructor (not through ``super()``), it
+        first records its arguments bound to its signature, defaults applied, for :meth:`get_params`."""
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: Scheme, *args: Any, **kwargs: Any) -> None:
+            if type(self).__init__ is recording_init:
+                try:
+                    bound = signature.bind(self, *args, **kwargs)
+                except TypeError:
+                    pass  # the constructor itself raises the error
+                else:
+                    bound.apply_defaults()
+                    params: dict[str, Any] = {}
+                    for key, value in list(bound.arguments.items())[1:]:  # after self
+                        if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                            params.update(value)
+                        else:
+                            params[key] = value
+                    self.__dict__["_constructor_params"] = params
+            init(self, *args, **kwargs)
+
+        return recording_init
+
+    @staticmethod
+    def _name_from_class(class_name: str) -> str:
+        """``HashingTrick`` -> ``hashing-trick``, ``TTRec`` -> ``tt-rec``, ``ROBE`` -> ``robe``."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", class_name).lower()
 
 
 def state_size_bytes(module: nn.Module) -> int:
@@ -210,17 +293,6 @@ def state_size_bytes(module: nn.Module) -> int:
             continue
         seen.add(key)
         total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def mlp_size_bytes(widths: list[int], batch_norm: bool) -> int:
-    """Bytes of a stack of Linear layers through ``widths`` (with bias), with BatchNorm1d (weight, bias,
-    running mean/var: 4 floats per unit, plus one int64 batch counter) after every layer but the last."""
-    total = 0
-    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=False):
-        total += (fan_in * fan_out + fan_out) * FLOAT_BYTES
-    if batch_norm:
-        total += sum(4 * width * FLOAT_BYTES + ID_BYTES for width in widths[1:-1])
     return total
 
 
@@ -246,11 +318,16 @@ def build_embedding(
     plan = scheme.plan(feature, budget_bytes)
     if plan.size_bytes > budget_bytes:
         raise BudgetTooSmall(scheme_name, budget_bytes, plan.size_bytes)
+    return build_planned(scheme, scheme_name, feature, plan, seed), plan
+
+
+def build_planned(scheme: Scheme, scheme_name: str, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
+    """Build ``plan``, holding the stated size equal to what the module stores."""
     module = scheme.build(feature, plan, seed)
     actual = state_size_bytes(module)
     if actual != plan.size_bytes:
         raise RuntimeError(
-            f"scheme '{scheme_name}' states {plan.size_bytes} bytes but its module stores {actual} bytes; "
-            "this is a bug in the scheme's size formula"
+            f"scheme '{scheme_name}' states {plan.size_bytes} bytes for feature '{feature.name}' but its module "
+            f"stores {actual} bytes; this is a bug in the scheme's size formula"
         )
-    return module, plan
+    return module

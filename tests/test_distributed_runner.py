@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from embbench.tables import torchrec_available
+from embbench.collection import torchrec_available
 
 pytestmark = pytest.mark.skipif(not torchrec_available(), reason="sharding needs torchrec")
 
@@ -20,7 +20,7 @@ name = "sharded"
 epochs = 2
 budgets = ["1/2"]
 shardings = ["table-wise", "row-wise"]
-embedding_optimizer = "adagrad"
+embedding_optimizers = ["adagrad"]
 embedding_learning_rate = 0.05
 latency_batch_sizes = []
 [[datasets]]

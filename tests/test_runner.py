@@ -3,6 +3,7 @@ run loses nothing finished and leaves nothing half-written, unavailable devices 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -13,8 +14,8 @@ import time
 import pytest
 
 from embbench import registry
-from embbench.runner import run_suite
-from embbench.store import ResultStore
+from embbench.run.store import ResultStore
+from embbench.run.sweep import run_suite
 
 DATA = '[[datasets]]\nname = "synthetic"\nparams = { num_users = 150, num_items = 90, interactions_per_user = 6 }\n'
 MODEL = '[[models]]\nname = "gmf"\n'
@@ -135,3 +136,39 @@ def test_item_features_carry_side_features_aligned_with_their_ids():
     assert item.side.shape == (item.num_ids, 2) and item.side.dtype == np.float32
     assert item.side[0].tolist() == [2.0, 4.0] and item.side[1].tolist() == [1.0, 3.0]
     assert not item.side[2:].any()  # items the side table lacks get zeros
+
+
+def test_a_new_plugin_version_or_thread_count_runs_a_finished_cell_again_and_rerun_forces_it(tmp_path, monkeypatch):
+    import torch
+
+    body = 'epochs = 1\nbudgets = ["1/4"]\nlatency_batch_sizes = []\n' + DATA + MODEL + (
+        '[[schemes]]\nname = "hashing-trick"\n'
+    )
+    path, db = suite_file(tmp_path, body), tmp_path / "r.sqlite"
+    assert run_suite(str(path), db=db, progress=False).ok == 1
+    assert run_suite(str(path), db=db, progress=False).already_done == 1
+    stored = ResultStore(db).frame()
+    provenance = json.loads(stored["provenance_json"].iloc[0])
+    assert provenance["scheme"] == registry.provenance("schemes", "hashing-trick")
+    assert provenance["scheme"]["distribution"] == "embbench"
+
+    real = registry.provenance
+
+    def upgraded(kind, name):
+        origin = real(kind, name)
+        return {**origin, "version": "99.0"} if name == "hashing-trick" else origin
+
+    monkeypatch.setattr(registry, "provenance", upgraded)
+    again = run_suite(str(path), db=db, progress=False)
+    assert (again.already_done, again.ok) == (0, 1)  # the changed plugin's cell is not "the same" any more
+    monkeypatch.setattr(registry, "provenance", real)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert run_suite(str(path), db=db, progress=False).ok == 1  # another thread count: another cell
+    finally:
+        torch.set_num_threads(threads)
+    assert run_suite(str(path), db=db, progress=False).already_done == 1
+    forced = run_suite(str(path), db=db, progress=False, rerun=True)
+    assert (forced.already_done, forced.ok) == (0, 1)
+    assert len(ResultStore(db).frame()) == 3  # one row per identity: the first, the new version, the thread count

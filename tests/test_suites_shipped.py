@@ -10,9 +10,9 @@ import pytest
 from embbench import registry
 from embbench.data import features_of, prepare_split
 from embbench.errors import BudgetTooSmall
-from embbench.runner import prepare
+from embbench.run.suites import builtin_suites, parse_suite
+from embbench.run.sweep import prepare
 from embbench.schemes import Budget
-from embbench.suites import builtin_suites, parse_suite
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHIPPED = sorted(builtin_suites())
@@ -52,7 +52,7 @@ def test_suite_parses_with_and_without_quick(name: str) -> None:
 def test_paper_suite_cites_what_it_reproduces(name: str) -> None:
     suite = parse_suite(builtin_suites()[name])
     assert suite.reference and suite.description
-    assert "quick" in suite.raw, "a paper suite has a [quick] profile"
+    assert suite.quick, "a paper suite has a [quick] profile"
     assert len(parse_suite(builtin_suites()[name], quick=True).settings["seeds"]) == 1
 
 
@@ -65,7 +65,8 @@ def test_suite_passes_the_runners_validation(
     monkeypatch.setenv("EMBBENCH_CACHE_DIR", str(shared_cache))
     for quick in (False, True):
         prepared = prepare(name, data_dir=SHARED_DATA, quick=quick)
-        assert prepared.cells and set(prepared.plans) == {cell.key for cell in prepared.cells}
+        assert prepared.cells and all(set(run.plans) == set(prepared.data[run.trained.dataset.label].features)
+                                      for run in prepared.runs)
 
 
 def test_ablation_labels_name_one_change_each() -> None:

@@ -15,11 +15,12 @@ import torch
 from embbench_plugins.tasks.classification import binarize_ratings, hold_out_last_two
 
 from embbench import registry
+from embbench.collection import TableTraining, torchrec_available
 from embbench.errors import BudgetTooSmall, ConfigError
 from embbench.metrics import binary_auc, log_loss
-from embbench.runner import memory_refusal, prepare, run_suite
+from embbench.run.resolve import memory_refusal, plan_features
+from embbench.run.sweep import prepare, run_suite
 from embbench.schemes import Budget, FeatureSpec, build_embedding, full_table_bytes
-from embbench.tables import torchrec_available
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -135,10 +136,14 @@ def test_early_stopping_must_be_a_metric_of_the_task(tmp_path):
 def test_tables_beyond_the_memory_available_are_refused_before_building(tmp_path):
     feature = FeatureSpec.from_vocabulary("f", 100_000, 8)
     plan = registry.create_scheme("full").plan(feature, 10**9)
-    assert memory_refusal({"f": plan}, available=10**9) is None
-    reason = memory_refusal({"f": plan}, available=3 * plan.size_bytes)
+    dense_adam = TableTraining("torch", "dense-adam")
+    assert memory_refusal({"f": plan}, dense_adam, available=10**9) is None
+    reason = memory_refusal({"f": plan}, dense_adam, available=3 * plan.size_bytes)
     assert reason.startswith("refused before building: the embeddings store 4.0 MB, about 16.0 MB while training")
+    assert "(4x with dense-adam on the dense kernel)" in reason
     assert "of the 12.0 MB this machine has available" in reason
+    # row-wise Adagrad keeps one float per row: the same tables fit where dense Adam's would not
+    assert memory_refusal({"f": plan}, TableTraining("torch", "rowwise-adagrad"), 3 * plan.size_bytes) is None
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").is_dir(), reason="needs ../shared/data/movielens-100k")
@@ -163,7 +168,8 @@ def test_rating_classification_trains_and_reports_auc_and_log_loss(tmp_path):
 @pytest.mark.skipif(not torchrec_available(), reason="the torchrec backend needs torchrec")
 def test_the_table_backend_is_a_suite_axis_and_both_backends_train_alike(tmp_path):
     body = (
-        'epochs = 1\nbackends = ["torch", "torchrec"]\nlatency_batch_sizes = []\n' + SYNTHETIC
+        'epochs = 1\nbackends = ["torch", "torchrec"]\nembedding_optimizers = ["sgd"]\nlatency_batch_sizes = []\n'
+        + SYNTHETIC
         + '[[models]]\nname = "gmf"\n[[schemes]]\nname = "hashing-trick"\nbudgets = ["1/2"]\n'
     )
     summary = run_suite(str(suite_file(tmp_path, body)), db=tmp_path / "b.sqlite", progress=False)
@@ -172,7 +178,7 @@ def test_the_table_backend_is_a_suite_axis_and_both_backends_train_alike(tmp_pat
         "select table_backend, test_auc, config_json from cells order by table_backend"
     ).fetchall()
     assert [row[0] for row in rows] == ["torch", "torchrec"]
-    assert rows[0][1] == pytest.approx(rows[1][1], abs=1e-4)  # identical initial weights and outputs
+    assert rows[0][1] == pytest.approx(rows[1][1], abs=1e-4)  # identical initial weights and SGD updates
     assert '"backend": "torch"' in rows[0][2]
 
 
@@ -209,8 +215,6 @@ def test_ctr_trains_dlrm_per_field_and_refuses_a_full_table_too_large_for_memory
 
 
 def test_a_field_below_the_schemes_smallest_module_gets_that_minimum_and_the_others_share_the_rest():
-    from embbench.runner import share_budget
-
     features = {
         "tiny": FeatureSpec.from_vocabulary("tiny", 3, 16),
         "large": FeatureSpec.from_vocabulary("large", 50_000, 16),
@@ -218,7 +222,7 @@ def test_a_field_below_the_schemes_smallest_module_gets_that_minimum_and_the_oth
     scheme = registry.create_scheme("hashing-trick")
     budget = Budget.parse("1/4")
     total = sum(budget.allocate(features).values())
-    plans = share_budget(scheme, features, budget)
+    plans = plan_features(scheme, features, budget)
     tiny_minimum = plans["tiny"].budget_bytes  # the minimum the scheme stated
     with pytest.raises(BudgetTooSmall):
         scheme.plan(features["tiny"], budget.allocate(features)["tiny"])  # its own share is too small
@@ -226,4 +230,4 @@ def test_a_field_below_the_schemes_smallest_module_gets_that_minimum_and_the_oth
     assert plans["tiny"].size_bytes == tiny_minimum  # exactly the smallest module
     assert plans["large"].budget_bytes == total - tiny_minimum
     with pytest.raises(BudgetTooSmall, match="smallest modules"):
-        share_budget(scheme, features, Budget.parse("100b"))
+        plan_features(scheme, features, Budget.parse("100b"))

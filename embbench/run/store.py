@@ -1,4 +1,5 @@
-"""The results store: one SQLite database, one row per finished cell.
+"""The results store: one SQLite database, one row per finished cell, its columns those of the result record
+(:mod:`embbench.run.record`).
 
 A cell's row is written in a single transaction when the cell ends (ok, failed or skipped), so a run killed
 at any moment leaves no half-written cell and loses no finished one. Re-running a suite skips cells whose
@@ -19,65 +20,10 @@ from typing import Any
 import pandas as pd
 
 from embbench.errors import EmbbenchError
+from embbench.run.record import COLUMNS, JSON_COLUMNS
 
 DEFAULT_DB = Path("results") / "embbench.sqlite"
 SCHEMA_VERSION = 1
-
-COLUMNS: dict[str, str] = {
-    "cell_key": "TEXT PRIMARY KEY",
-    "suite": "TEXT NOT NULL",
-    "task": "TEXT",
-    "dataset": "TEXT NOT NULL",
-    "model": "TEXT NOT NULL",
-    "scheme": "TEXT NOT NULL",
-    "scheme_label": "TEXT NOT NULL",
-    "precision": "TEXT",
-    "budget": "TEXT NOT NULL",
-    "device": "TEXT NOT NULL",
-    "seed": "INTEGER NOT NULL",
-    "status": "TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'skipped'))",
-    "size_bytes": "INTEGER",
-    "budget_bytes": "INTEGER",
-    "full_bytes": "INTEGER",
-    "dense_bytes": "INTEGER",
-    "test_auc": "REAL",
-    "test_hr10": "REAL",
-    "test_ndcg10": "REAL",
-    "val_auc": "REAL",
-    "val_hr10": "REAL",
-    "val_ndcg10": "REAL",
-    "test_logloss": "REAL",
-    "val_logloss": "REAL",
-    "train_seconds": "REAL",
-    "eval_seconds": "REAL",
-    "wall_seconds": "REAL",
-    "epochs_run": "INTEGER",
-    "best_epoch": "INTEGER",
-    "embedding_latency_ms": "REAL",
-    "model_latency_ms": "REAL",
-    "train_examples_per_second": "REAL",
-    "peak_memory_bytes": "INTEGER",
-    "peak_rss_bytes": "INTEGER",
-    "sharding": "TEXT",
-    "world_size": "INTEGER",
-    "embedding_optimizer": "TEXT",
-    "dense_optimizer": "TEXT",
-    "sharding_json": "TEXT",
-    "device_name": "TEXT",
-    "table_backend": "TEXT",
-    "threads": "INTEGER",
-    "config_json": "TEXT NOT NULL",
-    "plan_json": "TEXT",
-    "history_json": "TEXT",
-    "latency_json": "TEXT",
-    "environment_json": "TEXT",
-    "git_commit": "TEXT",
-    "host": "TEXT",
-    "error": "TEXT",
-    "started_at": "TEXT",
-    "finished_at": "TEXT",
-}
-JSON_COLUMNS = ("config_json", "plan_json", "history_json", "environment_json", "latency_json", "sharding_json")
 
 
 class ResultStore:

@@ -1,0 +1,247 @@
+"""The suite settings, declared once: type, default, allowed values and role of every top-level key of a
+suite file. Parsing, validation, the cell identity, the training configuration and writing a suite back out
+all read this table; adding a setting is adding a row here (and using its value where it matters).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from embbench.collection import TABLE_OPTIMIZERS
+from embbench.errors import ConfigError, closest
+from embbench.schemes import Budget
+from embbench.training import EARLY_STOPPING_METRICS
+
+#: roles: what a setting is for
+META = "meta"  # describes the suite; not part of any cell
+CELL = "cell"  # one value for every cell; part of a cell's identity
+TRAINING = "training"  # a field of embbench.training.TrainConfig; part of a cell's identity
+AXIS = "axis"  # a list: one cell per value; the value is part of a cell's identity
+MEASURE = "measure"  # what is measured after training; not part of a cell's identity
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+BASE_PRECISION = "fp32"
+DEVICES = ("cpu", "cuda", "auto")
+BACKENDS = ("auto", "torchrec", "torch")
+#: "auto": unsharded in one process, table-wise under --nproc N > 1
+SHARDINGS = ("auto", "data-parallel", "table-wise", "row-wise", "column-wise", "table-column-wise")
+#: the largest values a 24 GB machine is asked to honour
+MAX_DIM = 1 << 16
+MAX_SEED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One top-level key of a suite file.
+
+    ``kind`` is the TOML type of a value (``int``, ``float``, ``str``, or ``budget``: a fraction of the full
+    table or bytes); an axis is a non-empty list of such values without repeats, whose single value in a cell
+    is called ``cell_name``. ``minimum``/``maximum`` bound numbers (inclusive); ``choices`` enumerates strings.
+    A default of ``None`` means "derived" (see ``derive``).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    role: str
+    doc: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False
+    cell_name: str | None = None
+    allow_empty: bool = False
+    in_quick: bool = True
+
+    @property
+    def is_list(self) -> bool:
+        return self.role == AXIS or self.name == "latency_batch_sizes"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", "str", None, META, "suite name (defaults to the file name)", in_quick=False),
+    Setting("description", "str", "", META, "what the suite measures", in_quick=False),
+    Setting("reference", "str", "", META, "what the suite reproduces (paper, table)", in_quick=False),
+    Setting("task", "str", "ranking", CELL, "what is learned and scored: ranking, rating-classification, ctr",
+            in_quick=False),
+    Setting("dim", "int", 32, CELL, "embedding dimension", minimum=1, maximum=MAX_DIM),
+    Setting("embedding_optimizers", "str", ["adam"], AXIS,
+            "table optimizers: adam (row-sparse Adam), sgd, adagrad, rowwise-adagrad, dense-adam (Adam over every row)",
+            choices=TABLE_OPTIMIZERS, cell_name="embedding_optimizer"),
+    Setting("embedding_learning_rate", "float", None, CELL,
+            "table learning rate (default: learning_rate for adam and dense-adam, 0.01 for the others)",
+            positive=True, maximum=1e6),
+    Setting("epochs", "int", 20, TRAINING, "maximum training epochs", minimum=1, maximum=100_000),
+    Setting("batch_size", "int", 1024, TRAINING, "training batch size", minimum=1, maximum=1 << 24),
+    Setting("learning_rate", "float", 1e-3, TRAINING, "Adam learning rate of the dense parameters",
+            positive=True, maximum=1e6),
+    Setting("num_negatives", "int", 4, TRAINING, "sampled negatives per positive (ranking)", minimum=1, maximum=1000),
+    Setting("patience", "int", 2, TRAINING, "epochs without validation improvement before stopping",
+            minimum=1, maximum=100_000),
+    Setting("early_stopping", "str", "auc", TRAINING, "validation metric to stop on: auc, hr@10 (ranking), logloss",
+            choices=EARLY_STOPPING_METRICS),
+    Setting("budgets", "budget", ["1"], AXIS, "size budgets: fractions of the full tables ('1/4') or bytes ('64MB')",
+            cell_name="budget"),
+    Setting("devices", "str", ["cpu"], AXIS, "devices: cpu, cuda, auto", choices=DEVICES, cell_name="device"),
+    Setting("backends", "str", ["auto"], AXIS, "table backends: auto, torchrec, torch", choices=BACKENDS,
+            cell_name="backend"),
+    Setting("shardings", "str", ["auto"], AXIS,
+            "sharding types: auto, data-parallel, table-wise, row-wise, column-wise, table-column-wise",
+            choices=SHARDINGS, cell_name="sharding"),
+    Setting("seeds", "int", [0], AXIS, "random seeds, one cell each", minimum=0, maximum=MAX_SEED, cell_name="seed"),
+    Setting("precisions", "str", [BASE_PRECISION], AXIS,
+            "table precisions evaluated after training: fp32, fp16, int8, int4", choices=PRECISIONS,
+            cell_name="precision"),
+    Setting("latency_batch_sizes", "int", [1, 128, 4096], MEASURE,
+            "batch sizes of the inference latency measurement; [] skips it", minimum=1, maximum=1 << 20,
+            allow_empty=True),
+)
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+#: the entry tables of a suite file, and the keys an entry may have
+ENTRY_SECTIONS: dict[str, tuple[str, ...]] = {
+    "datasets": ("name", "params", "label"),
+    "models": ("name", "params", "label"),
+    "schemes": ("name", "params", "label", "budgets"),
+}
+TOP_LEVEL_KEYS = (*BY_NAME, *ENTRY_SECTIONS, "quick")
+
+
+def defaults() -> dict[str, Any]:
+    return {setting.name: setting.default for setting in SETTINGS}
+
+
+def table_learning_rate(optimizer: str, learning_rate: float) -> float:
+    """The default table learning rate: the dense one for Adam, 0.01 for SGD and the Adagrads."""
+    return learning_rate if optimizer in ("adam", "dense-adam") else 0.01
+
+
+def derive(cell: dict[str, Any]) -> dict[str, Any]:
+    """Fill the settings of one cell whose default depends on its other values."""
+    if cell.get("embedding_learning_rate") is None:
+        cell["embedding_learning_rate"] = table_learning_rate(cell["embedding_optimizer"], cell["learning_rate"])
+    return cell
+
+
+def _type_name(setting: Setting) -> str:
+    names = {"int": "an integer", "float": "a number", "str": "a string", "budget": "a budget ('1/4', 0.25 or '64MB')"}
+    return names[setting.kind]
+
+
+def _check_value(setting: Setting, value: Any, where: str) -> Any:
+    """The validated (normalised) value of one item, or a ConfigError naming ``where``."""
+    if setting.kind == "budget":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: must be {_type_name(setting)}, got {type(value).__name__} {value!r}")
+        try:
+            return str(Budget.parse(value))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if setting.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif setting.kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: must be {_type_name(setting)}, got {type(value).__name__} {value!r}")
+    if setting.kind == "float":
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if setting.positive and value <= 0:
+        raise ConfigError(f"{where}: must be > 0, got {value}")
+    low, high = setting.minimum, setting.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{where}: must be in {bounds}, got {value}")
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(
+            f"{where}: unknown {setting.cell_name or setting.name} {value!r}{closest(str(value), setting.choices)}; "
+            f"use one of {', '.join(setting.choices)}"
+        )
+    return value
+
+
+def check_setting(setting: Setting, value: Any, where: str) -> Any:
+    """A suite file's value of ``setting``, validated and normalised (budgets as their canonical text)."""
+    spot = f"{where}: '{setting.name}'"
+    if not setting.is_list:
+        return _check_value(setting, value, spot)
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{spot} must be a list of {_type_name(setting)} values, got {type(value).__name__} {value!r}"
+        )
+    if not value and not setting.allow_empty:
+        raise ConfigError(f"{spot} must not be empty")
+    items = [_check_value(setting, item, f"{spot}[{index}]") for index, item in enumerate(value)]
+    seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        if item in seen:
+            raise ConfigError(f"{spot} lists {value[index]!r} twice (as item {seen[item]} and {index}); remove one")
+        seen[item] = index
+    return items
+
+
+def check_keys(table: Mapping[str, Any], known: Any, where: str, section: str) -> None:
+    """Unknown keys are errors that suggest the closest known key."""
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key '{key}' in {section}{closest(str(key), known)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+
+
+def parse_settings(raw: Mapping[str, Any], where: str, quick: bool) -> dict[str, Any]:
+    """Every setting's value for a suite file's top level ``raw`` (defaults filled, ``[quick]`` applied when
+    ``quick``), validated against the table; derived defaults resolved."""
+    values = defaults()
+    for name, value in raw.items():
+        if name in BY_NAME:
+            values[name] = check_setting(BY_NAME[name], value, where)
+    overrides = raw.get("quick", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: 'quick' must be a table of settings ([quick]), got {overrides!r}")
+    quick_keys = [setting.name for setting in SETTINGS if setting.in_quick]
+    check_keys(overrides, quick_keys, where, "[quick]")
+    checked = {name: check_setting(BY_NAME[name], value, f"{where}: [quick]") for name, value in overrides.items()}
+    if quick:
+        values.update(checked)
+    return values
+
+
+def setting_lines(values: Mapping[str, Any], keep: Callable[[Setting], bool]) -> list[str]:
+    """TOML lines ``key = value`` of the settings ``keep`` selects whose value differs from the default."""
+    lines = []
+    for setting in SETTINGS:
+        if not keep(setting) or setting.name not in values:
+            continue
+        value = values[setting.name]
+        if value is None or value == setting.default:
+            continue
+        lines.append(f"{setting.name} = {toml_value(value)}")
+    return lines
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a setting or parameter value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        raise ValueError("TOML has no null")
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else toml_value(key)

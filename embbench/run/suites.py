@@ -1,0 +1,246 @@
+"""Suite files: found by name or path, read and validated against the settings table, and written back out.
+
+A suite sweeps datasets x models x schemes x its axis settings (budgets, devices, backends, shardings, seeds,
+precisions). Unknown keys are errors that suggest the closest known key; every error names the file and the
+field. See docs/suites.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from embbench.errors import ConfigError, closest
+from embbench.run.settings import (
+    AXIS,
+    BY_NAME,
+    ENTRY_SECTIONS,
+    META,
+    SETTINGS,
+    TOP_LEVEL_KEYS,
+    check_keys,
+    check_setting,
+    parse_settings,
+    setting_lines,
+    table_learning_rate,
+    toml_key,
+    toml_value,
+)
+from embbench.schemes import Budget
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One [[datasets]], [[models]] or [[schemes]] entry; ``where`` names it in error messages."""
+
+    name: str
+    params: dict[str, Any]
+    label: str
+    where: str
+    budgets: tuple[str, ...] = ()
+
+
+@dataclass
+class Suite:
+    """A validated suite file: its settings (every non-meta setting, defaults filled, ``[quick]`` applied when
+    read with ``quick``), its entries and the ``[quick]`` overrides as written."""
+
+    name: str
+    path: Path
+    description: str
+    reference: str
+    settings: dict[str, Any]
+    datasets: list[Entry]
+    models: list[Entry]
+    schemes: list[Entry]
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self, world_size: int = 1, provenance: Mapping[str, Any] | None = None, threads: int = 1) -> list[Any]:
+        """The suite's cells for a run over ``world_size`` processes (see :func:`embbench.run.cells.expand`)."""
+        from embbench.run.cells import expand
+
+        return expand(self, world_size, provenance or {}, threads)
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Suite files shipped with embbench, by name."""
+    folder = resources.files("embbench_suites")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
+
+
+def find_suite(name_or_path: str | Path) -> Path:
+    """A suite file given by path, or a shipped suite by name."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"suite file '{name_or_path}' does not exist")
+        return path
+    known = builtin_suites()
+    name = str(name_or_path)
+    if name not in known:
+        raise ConfigError(
+            f"unknown suite '{name}'{closest(name, known)}; give a path to a .toml file or one of: "
+            f"{', '.join(sorted(known))}"
+        )
+    return known[name]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document at ``path``; one-line errors for unreadable, non-UTF-8 or invalid files."""
+    where = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read suite file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start}); save the suite file as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid TOML: nested too deeply") from None
+
+
+def _entries(raw: Mapping[str, Any], section: str, where: str) -> list[Entry]:
+    items = raw.get(section)
+    if not items:
+        raise ConfigError(f"{where}: at least one [[{section}]] entry is required")
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: '{section}' must be a list of [[{section}]] tables")
+    entries, labels = [], set()
+    for index, item in enumerate(items):
+        spot = f"{where}: {section}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f'{spot}: must be a table like [[{section}]] name = "..."')
+        check_keys(item, ENTRY_SECTIONS[section], where, f"[[{section}]] entry {index}")
+        if not isinstance(item.get("name"), str):
+            raise ConfigError(f"{spot}: 'name' (a string) is required")
+        params = item.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{spot}: 'params' must be a table, got {params!r}")
+        label = item.get("label", item["name"])
+        if not isinstance(label, str):
+            raise ConfigError(f"{spot}: 'label' must be a string, got {label!r}")
+        if label in labels:
+            raise ConfigError(f"{spot}: label '{label}' is used twice; give each entry a distinct 'label'")
+        labels.add(label)
+        budgets: tuple[str, ...] = ()
+        if "budgets" in item:
+            budgets = tuple(check_setting(BY_NAME["budgets"], item["budgets"], spot))
+        entries.append(Entry(item["name"], params, label, f"{spot} ({item['name']})", budgets))
+    return entries
+
+
+def parse_suite(path: Path, quick: bool = False) -> Suite:
+    """Read and validate a suite file (its schema; plugin names and parameters are checked by the runner)."""
+    where = str(path)
+    raw = read_toml(path)
+    check_keys(raw, TOP_LEVEL_KEYS, where, "the top level")
+    values = parse_settings(raw, where, quick)
+    quick_table = raw.get("quick", {})
+    return Suite(
+        name=values.pop("name") or path.stem,
+        path=path,
+        description=values.pop("description"),
+        reference=values.pop("reference"),
+        settings=values,
+        datasets=_entries(raw, "datasets", where),
+        models=_entries(raw, "models", where),
+        schemes=_entries(raw, "schemes", where),
+        quick={key: check_setting(BY_NAME[key], value, where) for key, value in quick_table.items()},
+    )
+
+
+def _entry_lines(section: str, entry: Entry) -> list[str]:
+    lines = [f"[[{section}]]", f"name = {toml_value(entry.name)}"]
+    if entry.label != entry.name:
+        lines.append(f"label = {toml_value(entry.label)}")
+    if entry.params:
+        lines.append(f"params = {toml_value(entry.params)}")
+    if entry.budgets:
+        lines.append(f"budgets = {toml_value(list(entry.budgets))}")
+    return lines
+
+
+def suite_toml(suite: Suite) -> str:
+    """A suite file that parses back to ``suite`` (settings at their defaults are left out)."""
+    lines = [f"name = {toml_value(suite.name)}"]
+    if suite.description:
+        lines.append(f"description = {toml_value(suite.description)}")
+    if suite.reference:
+        lines.append(f"reference = {toml_value(suite.reference)}")
+    lines += setting_lines(suite.settings, lambda setting: setting.role != META)
+    for section, entries in (("datasets", suite.datasets), ("models", suite.models), ("schemes", suite.schemes)):
+        for entry in entries:
+            lines += ["", *_entry_lines(section, entry)]
+    if suite.quick:
+        lines += ["", "[quick]", *(f"{toml_key(k)} = {toml_value(v)}" for k, v in suite.quick.items())]
+    return "\n".join(lines) + "\n"
+
+
+def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:
+    """The suite file that produces the cells whose stored configurations are ``configs`` (``config_json`` of
+    the result rows): axis values collected in order of appearance, entries once each. Budgets of an entry
+    that differ from the suite's are written as the entry's ``budgets``."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("configuration_toml needs at least one stored configuration")
+    axis_values: dict[str, list[Any]] = {s.name: [] for s in SETTINGS if s.role == AXIS}
+    entries: dict[str, dict[str, Entry]] = {"datasets": {}, "models": {}, "schemes": {}}
+    scheme_budgets: dict[str, list[str]] = {}
+    for config in configs:
+        for setting in SETTINGS:
+            if setting.role == AXIS and setting.cell_name in config:
+                value = config[setting.cell_name]
+                if value not in axis_values[setting.name]:
+                    axis_values[setting.name].append(value)
+        for section, key in (("datasets", "dataset"), ("models", "model"), ("schemes", "scheme")):
+            item = config[key]
+            label = item.get("label", item["name"])
+            entries[section].setdefault(label, Entry(item["name"], dict(item.get("params", {})), label, ""))
+        label = config["scheme"].get("label", config["scheme"]["name"])
+        budgets = scheme_budgets.setdefault(label, [])
+        if config["budget"] not in budgets:
+            budgets.append(config["budget"])
+    first = configs[0]
+    values = {s.name: first[s.name] for s in SETTINGS if s.role not in (AXIS, META) and s.name in first}
+    notes = []  # settings that differ between stored cells (a suite edited between runs)
+    for name in values:
+        distinct: list[Any] = []
+        for config in configs:
+            if name in config and config[name] not in distinct:
+                distinct.append(config[name])
+        if len(distinct) > 1:
+            notes.append(f"# {name}: several values among the stored cells: {', '.join(map(toml_value, distinct))}")
+    derived = [table_learning_rate(c.get("embedding_optimizer", ""), c.get("learning_rate")) for c in configs]
+    if all(c.get("embedding_learning_rate") == rate for c, rate in zip(configs, derived, strict=True)):
+        values.pop("embedding_learning_rate", None)  # the derived default of every cell
+    values.update({name: items for name, items in axis_values.items() if items})
+    for budgets in scheme_budgets.values():
+        budgets.sort(key=_budget_order)
+    # The suite's budgets are the first scheme's; a scheme swept over others lists its own.
+    values["budgets"] = next(iter(scheme_budgets.values()))
+    schemes = []
+    for label, entry in entries["schemes"].items():
+        own = () if scheme_budgets[label] == values["budgets"] else tuple(scheme_budgets[label])
+        schemes.append(Entry(entry.name, entry.params, label, "", own))
+    rebuilt = Suite(
+        suite, Path(f"{suite}.toml"), "", "", values,
+        list(entries["datasets"].values()), list(entries["models"].values()), schemes,
+    )
+    first_line, rest = suite_toml(rebuilt).split("\n", 1)
+    return "\n".join([first_line, *notes, rest])
+
+
+def _budget_order(budget: str) -> tuple[int, float, str]:
+    """Largest fraction first, then byte budgets by size."""
+    parsed = Budget.parse(budget)
+    if parsed.fraction is not None:
+        return (0, -float(parsed.fraction), budget)
+    return (1, float(parsed.absolute_bytes or 0), budget)
