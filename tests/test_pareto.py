@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embbench.pareto import front_with_uncertainty, mean_ci, pareto_front, t_quantile
+from embbench.report.pareto import front_with_uncertainty, pareto_front
+from embbench.report.statistics import mean_ci, t_quantile
 
 
 def brute_force_front(sizes: list[float], scores: list[float]) -> list[bool]:

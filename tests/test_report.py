@@ -14,7 +14,6 @@ import pytest
 import tomllib
 from matplotlib.figure import Figure
 
-from embbench.pareto import mean_ci
 from embbench.report import (
     pareto_figure,
     plot_pareto,
@@ -22,10 +21,10 @@ from embbench.report import (
     shipped_suite_sources,
     suite_configurations,
     summarize_results,
-    write_html_report,
     write_report,
 )
-from embbench.suites import Suite, parse_suite
+from embbench.report.statistics import mean_ci
+from embbench.run.suites import Suite, parse_suite
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FULL_BYTES = 1_000_000
@@ -227,9 +226,10 @@ def test_html_escapes_text(tmp_path: Path) -> None:
     assert "&lt;script&gt;x&lt;/script&gt;" in page and "<title>a &amp; b</title>" in page
 
 
-def test_write_html_report_returns_the_page(results: pd.DataFrame, tmp_path: Path) -> None:
-    path = write_html_report(results, tmp_path)
+def test_write_report_writes_the_page_next_to_the_markdown(results: pd.DataFrame, tmp_path: Path) -> None:
+    path = write_report(results, tmp_path).with_name("report.html")
     assert path == tmp_path / "report.html" and (tmp_path / "report.md").exists()
+    assert path.read_text().startswith("<!DOCTYPE html>")
 
 
 def test_report_shows_commit_machine_and_versions(results: pd.DataFrame, tmp_path: Path) -> None:

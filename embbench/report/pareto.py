@@ -1,22 +1,12 @@
-"""Pareto fronts of quality against size (smaller and better wins), and Student-t confidence intervals.
-
-The t quantile is computed here with the standard library only (scipy is not a dependency): the exact
-closed-form t distribution for integer degrees of freedom, inverted by bisection.
-"""
+"""Pareto fronts of quality against cost (smaller and better wins), and which points off a front cannot be told
+apart from it given their confidence intervals."""
 
 from __future__ import annotations
 
-import functools
-import math
-import statistics
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-
-# Beyond this many degrees of freedom the closed-form series gets long; a first-order expansion around the
-# normal quantile is then accurate to ~1e-6.
-EXACT_T_MAX_DF = 1000
 
 
 def pareto_front(sizes: Sequence[float], scores: Sequence[float]) -> np.ndarray:
@@ -73,67 +63,3 @@ def front_with_uncertainty(
     index = size.index if isinstance(size, pd.Series) else None
     columns = {"on_front": on_front, "front_best": front_best, "overlaps_front": overlaps}
     return pd.DataFrame(columns, index=index)
-
-
-def _t_central_probability(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer ``df`` >= 1, by the closed-form finite series in cos(theta)."""
-    theta = math.atan(t / math.sqrt(df))
-    cos_sq = math.cos(theta) ** 2
-    if df % 2 == 1:
-        # (2/pi) * (theta + sin(theta) * cos(theta) * sum_{j=0}^{(df-3)/2} c_j cos^{2j}(theta)),
-        # c_0 = 1, c_j = c_{j-1} * 2j / (2j + 1).
-        term, total = 1.0, 0.0
-        if df > 1:
-            total = 1.0
-            for j in range(1, (df - 1) // 2):
-                term *= cos_sq * (2 * j) / (2 * j + 1)
-                total += term
-        return 2.0 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-    # sin(theta) * sum_{j=0}^{df/2-1} c_j cos^{2j}(theta), c_0 = 1, c_j = c_{j-1} * (2j - 1) / (2j).
-    term, total = 1.0, 1.0
-    for j in range(1, df // 2):
-        term *= cos_sq * (2 * j - 1) / (2 * j)
-        total += term
-    return math.sin(theta) * total
-
-
-@functools.lru_cache(maxsize=256)
-def t_quantile(confidence: float, df: int) -> float:
-    """The two-sided Student t critical value: P(|T| < t) = ``confidence`` with ``df`` degrees of freedom."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    if df > EXACT_T_MAX_DF:
-        return z + (z**3 + z) / (4.0 * df)
-    low, high = 0.0, max(z, 1.0)
-    while _t_central_probability(high, df) < confidence:
-        low, high = high, high * 2.0
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if _t_central_probability(middle, df) < confidence:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-12 * high:
-            break
-    return 0.5 * (low + high)
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student-t confidence interval (mean, low, high) of ``values``, ignoring NaNs.
-
-    One value gives (v, v, v); none gives NaNs.
-    """
-    data = np.asarray(values, dtype=float)
-    data = data[~np.isnan(data)]
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if len(data) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(data.mean())
-    if len(data) == 1:
-        return mean, mean, mean
-    half_width = t_quantile(confidence, len(data) - 1) * float(data.std(ddof=1)) / math.sqrt(len(data))
-    return mean, mean - half_width, mean + half_width
