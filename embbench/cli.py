@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from embbench.errors import EmbbenchError
-from embbench.store import DEFAULT_DB
+from embbench.run.store import DEFAULT_DB
 
 EXIT_USER_ERROR = 2
 
@@ -46,6 +46,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` options as keyword arguments (VALUE read as JSON where it parses, else a string)."""
+    from embbench.errors import ConfigError
+
+    keywords = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--param '{item}' must look like KEY=VALUE, e.g. --param num_hashes=64")
+        key, value = item.split("=", 1)
+        keywords[key.strip()] = _parse_value(value.strip())
+    return keywords
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="embbench")
 def main() -> None:
@@ -57,10 +70,11 @@ def main() -> None:
 @click.argument("pattern", default="*")
 @click.option("--exclude", multiple=True, help="Shell-style pattern of names to leave out (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a stable contract).")
-def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: bool) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show the traceback of each broken plugin.")
+def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: bool, verbose: bool) -> None:
     """List registered plugins (or built-in suites) whose names match PATTERN, e.g. 'hash*'."""
     if kind == "suites":
-        from embbench.suites import builtin_suites, parse_suite
+        from embbench.run.suites import builtin_suites, parse_suite
 
         rows = []
         for name, path in sorted(builtin_suites().items()):
@@ -78,12 +92,15 @@ def list_command(kind: str, pattern: str, exclude: tuple[str, ...], as_json: boo
 
     infos = list_plugins(kind, pattern, list(exclude) or None)
     if as_json:
-        _echo_json([info.as_dict() for info in infos])
+        _echo_json([dict(info.as_dict(), traceback=info.traceback) if verbose else info.as_dict() for info in infos])
         return
     width = max([20, *(len(info.name) for info in infos)])
     for info in infos:
         text = info.summary if info.status == "ok" else f"BROKEN: {info.error}"
-        click.echo(f"{info.name:<{width}} {info.status:<7} {info.distribution:<22} {text}")
+        click.echo(f"{info.name:<{width}} {info.status:<7} {info.origin:<22} {text}")
+        if verbose and info.traceback:
+            for line in info.traceback.rstrip().splitlines():
+                click.echo(f"    {line}")
 
 
 @main.command("size")
@@ -99,15 +116,9 @@ def size_command(
     scheme: str, vocab: int, dim: int, budget: str, params: tuple[str, ...], collisions: bool, as_json: bool
 ) -> None:
     """Resolve SCHEME's hyper-parameters for a vocabulary and budget, and give its exact size."""
-    from embbench.errors import ConfigError
-    from embbench.sizing import size_report
+    from embbench.measure.sizing import size_report
 
-    keywords = {}
-    for item in params:
-        if "=" not in item:
-            raise ConfigError(f"--param '{item}' must look like KEY=VALUE, e.g. --param num_hashes=64")
-        key, value = item.split("=", 1)
-        keywords[key.strip()] = _parse_value(value.strip())
+    keywords = _parse_params(params)
     result = size_report(scheme, vocab, dim, budget, keywords, collisions=collisions)
     if as_json:
         _echo_json(result)
@@ -134,6 +145,39 @@ def size_command(
             )
 
 
+@main.command("check")
+@click.argument("scheme")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Scheme hyper-parameter (repeatable); the checks run with the defaults, then with these.")
+@click.option("--dim", type=int, default=16, show_default=True, help="Embedding dimension of the checked feature.")
+@click.option("--json", "as_json", is_flag=True, help="One object per check and parameter set (a stable contract).")
+@click.pass_context
+def check_command(ctx: click.Context, scheme: str, params: tuple[str, ...], dim: int, as_json: bool) -> None:
+    """Check that SCHEME keeps the scheme contract (embbench.testing): PASS or FAIL per check; exit 1 on a FAIL."""
+    from embbench.testing import check_scheme
+
+    keywords = _parse_params(params)
+    # The given parameters run first, so that values the scheme rejects are reported before anything runs.
+    given = check_scheme(scheme, keywords, dim) if keywords else []
+    outcomes = [({}, check_scheme(scheme, None, dim))] + ([(keywords, given)] if keywords else [])
+    rows = [
+        {"scheme": scheme, "params": parameters, **result.as_dict()}
+        for parameters, results in outcomes
+        for result in results
+    ]
+    if as_json:
+        _echo_json(rows)
+    else:
+        width = max(len(row["check"]) for row in rows)
+        for row in rows:
+            label = ",".join(f"{key}={json.dumps(value)}" for key, value in row["params"].items()) or "defaults"
+            first_line = (row["message"].splitlines() or [""])[0]
+            status = "PASS" if row["passed"] else "FAIL"
+            click.echo(f"{status}  {row['check']:<{width}}  [{label}]  {first_line}".rstrip())
+    if not all(row["passed"] for row in rows):
+        ctx.exit(1)
+
+
 @main.group("run", cls=Group)
 def run_group() -> None:
     """Run benchmarks."""
@@ -146,15 +190,16 @@ def run_group() -> None:
               help="Folder with dataset files (default: $EMBBENCH_DATA_DIR, else ~/.cache/embbench/data).")
 @click.option("--quick", is_flag=True, help="Apply the suite's [quick] profile (fewer epochs/seeds).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--rerun", is_flag=True, help="Run every cell again, also those already finished (rows replaced).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to train each cell over (torchrun; gloo on CPU, nccl on GPU): tables sharded by "
                    "torchrec DistributedModelParallel, network schemes data-parallel.")
 def run_suite_command(
-    suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, nproc: int
+    suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, rerun: bool, nproc: int
 ) -> None:
     """Run every unfinished cell of SUITE (a built-in name or a .toml path) into the results database."""
     from embbench.distributed.launch import launch, launched_by_torchrun
-    from embbench.runner import run_suite
+    from embbench.run.sweep import run_suite
 
     if nproc > 1 and not launched_by_torchrun():
         # The children learn the world size from torchrun; "--nproc" itself would clash with torchrun's options.
@@ -162,8 +207,9 @@ def run_suite_command(
         argv += ["--data-dir", str(data_dir)] if data_dir is not None else []
         argv += ["--quick"] if quick else []
         argv += ["--no-progress"] if no_progress else []
+        argv += ["--rerun"] if rerun else []
         sys.exit(launch(nproc, argv))
-    summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress)
+    summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress, rerun=rerun)
     from embbench.distributed import is_main
 
     if not is_main():
@@ -178,18 +224,9 @@ def run_suite_command(
         sys.exit(1)
 
 
-# A stable contract: columns are only ever appended.
-RESULT_FIELDS = [
-    "suite", "dataset", "model", "scheme", "scheme_label", "budget", "size_bytes", "budget_bytes", "full_bytes",
-    "device", "device_name", "seed", "status", "test_auc", "test_hr10", "test_ndcg10", "val_auc", "val_hr10",
-    "train_seconds", "eval_seconds", "epochs_run", "best_epoch", "table_backend", "threads", "git_commit",
-    "finished_at", "error", "task", "precision", "test_logloss", "val_logloss", "peak_memory_bytes",
-    "train_examples_per_second", "embedding_latency_ms", "model_latency_ms", "peak_rss_bytes",
-]
-
-
 def _results_frame(db: Path, suite: str | None) -> Any:
-    from embbench.store import ResultStore
+    from embbench.run.record import RESULT_FIELDS
+    from embbench.run.store import ResultStore
 
     frame = ResultStore(db).frame(suite)
     return frame[[c for c in RESULT_FIELDS if c in frame.columns]]
@@ -234,10 +271,10 @@ def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) ->
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
 def report_command(db: Path, suite: str | None, suite_files: tuple[Path, ...], out: Path) -> None:
     """Write OUT/report.md and a self-contained OUT/report.html: tables, Pareto plots vs size and latency."""
-    from embbench.environment import git_commit, package_versions
+    from embbench.measure.environment import git_commit, package_versions
     from embbench.report import shipped_suite_sources, write_report
-    from embbench.store import ResultStore
-    from embbench.suites import parse_suite
+    from embbench.run.store import ResultStore
+    from embbench.run.suites import parse_suite
 
     frame = ResultStore(db).frame(suite)
     context = {"database": str(db), "suite": suite or "all", "git commit": git_commit(),

@@ -9,8 +9,10 @@ third-party package is registered exactly like the built-in plugins. The core ne
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
 import re
+import traceback
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -24,10 +26,22 @@ KINDS = {
     "tasks": "embbench.tasks",
 }
 
+#: the base classes ("module:class") a plugin of each kind must subclass (any one of them)
+BASE_CLASSES = {
+    "schemes": ("embbench.schemes:Scheme",),
+    "datasets": ("embbench.data:Dataset",),
+    "models": ("embbench.models:RecModel", "embbench.models:CTRModel"),
+    "tasks": ("embbench.tasks:Task",),
+}
+
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One registered name: where it comes from and whether it loads."""
+    """One registered name: where it comes from and whether it loads.
+
+    ``distribution`` and ``version`` name the installed package that registers it; ``error`` is a one-line
+    reason when ``status`` is "broken", and ``traceback`` the full text where loading raised.
+    """
 
     kind: str
     name: str
@@ -37,12 +51,23 @@ class PluginInfo:
     summary: str
     error: str | None
     plugin: Any = None  # the loaded class, when status == "ok"
+    version: str = "unknown"
+    traceback: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """``"distribution version"``, e.g. ``"embbench 0.1.0"`` (each of them, for a name registered twice)."""
+        distributions, versions = self.distribution.split(" / "), self.version.split(" / ")
+        if len(distributions) != len(versions):
+            return f"{self.distribution} {self.version}"
+        return " / ".join(f"{d} {v}" for d, v in zip(distributions, versions, strict=True))
 
     def as_dict(self) -> dict[str, Any]:
+        # A stable contract (``embbench list --json``): "distribution" is "name version", as it always was.
         return {
             "name": self.name,
             "status": self.status,
-            "distribution": self.distribution,
+            "distribution": self.origin,
             "error": self.error,
             "summary": self.summary,
         }
@@ -52,34 +77,68 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def _distribution_label(entry: EntryPoint) -> str:
+def _distribution_of(entry: EntryPoint) -> tuple[str, str]:
+    """(name, version) of the distribution that registers ``entry``."""
     dist = getattr(entry, "dist", None)
     if dist is None:
-        return "unknown"
-    return f"{dist.metadata['Name']} {dist.version}"
+        return "unknown", "unknown"
+    return dist.metadata["Name"], dist.version
 
 
 _cache: dict[str, dict[str, PluginInfo]] = {}
 
 
+def _base_classes(kind: str) -> tuple[type, ...]:
+    classes = []
+    for path in BASE_CLASSES[kind]:
+        module, attr = path.split(":")
+        classes.append(getattr(importlib.import_module(module), attr))
+    return tuple(classes)
+
+
+def _what(value: Any) -> str:
+    """How an entry point's object reads in an error: 'a function', 'a class', 'an instance of Foo'..."""
+    if inspect.isclass(value):
+        return f"class {value.__module__}.{value.__qualname__}"
+    if inspect.isfunction(value) or inspect.isbuiltin(value) or inspect.ismethod(value):
+        return "a function"
+    if inspect.ismodule(value):
+        return "a module"
+    return f"an instance of {type(value).__qualname__}"
+
+
 def _load_entry(kind: str, name: str, entries: list[EntryPoint]) -> PluginInfo:
-    distributions = sorted({_distribution_label(e) for e in entries})
+    origins = sorted({_distribution_of(e) for e in entries})
     target = ", ".join(sorted({e.value for e in entries}))
     if len({e.value for e in entries}) > 1:
+        labels = [f"{dist} {version}" for dist, version in origins]
         return PluginInfo(
-            kind, name, "broken", " / ".join(distributions), target, "",
-            f"{kind[:-1]} '{name}' is registered twice: by {' and by '.join(distributions)} "
+            kind, name, "broken", " / ".join(d for d, _ in origins), target, "",
+            f"{kind[:-1]} '{name}' is registered twice: by {' and by '.join(labels)} "
             f"({target}); uninstall one of them",
+            version=" / ".join(v for _, v in origins),
         )
+    distribution, version = origins[0]
     entry = entries[0]
+
+    def broken(error: str, trace: str | None = None) -> PluginInfo:
+        return PluginInfo(kind, name, "broken", distribution, target, "", error, version=version, traceback=trace)
+
+    # A plugin must not break the others, whatever it raises on import (SystemExit included); only the user
+    # stopping the program (KeyboardInterrupt) stops it.
     try:
         plugin = entry.load()
-    except Exception as exc:  # a broken plugin must not break the others
-        return PluginInfo(
-            kind, name, "broken", distributions[0], target, "", f"{type(exc).__name__}: {exc}"
-        )
-    summary = (getattr(plugin, "summary", None) or (inspect.getdoc(plugin) or "").split("\n")[0]).strip()
-    return PluginInfo(kind, name, "ok", distributions[0], target, summary, None, plugin)
+        bases = _base_classes(kind)
+        if not (inspect.isclass(plugin) and issubclass(plugin, bases)):
+            expected = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
+            return broken(f"entry point '{name} = {target}' loads {_what(plugin)}, not a subclass of {expected}")
+        summary = (getattr(plugin, "summary", None) or (inspect.getdoc(plugin) or "").split("\n")[0]).strip()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        message = " ".join(str(exc).split())
+        return broken(f"{type(exc).__name__}: {message}" if message else type(exc).__name__, traceback.format_exc())
+    return PluginInfo(kind, name, "ok", distribution, target, summary, None, plugin, version=version)
 
 
 def discover(kind: str, refresh: bool = False) -> dict[str, PluginInfo]:
@@ -120,8 +179,22 @@ def get_plugin(kind: str, name: str) -> Any:
         )
     info = plugins[name]
     if info.status != "ok":
-        raise PluginError(f"{kind[:-1]} '{name}' from {info.distribution} is broken: {info.error}")
+        raise PluginError(f"{kind[:-1]} '{name}' from {info.origin} is broken: {info.error}")
     return info.plugin
+
+
+def get_info(kind: str, name: str) -> PluginInfo:
+    """The registry's record of ``name`` (loaded or broken); a clear error when unknown."""
+    plugins = discover(kind)
+    if name not in plugins:
+        get_plugin(kind, name)  # raises the error naming the closest known name
+    return plugins[name]
+
+
+def provenance(kind: str, name: str) -> dict[str, str]:
+    """Where plugin ``name`` comes from: ``{"distribution": ..., "version": ...}`` (broken plugins too)."""
+    info = get_info(kind, name)
+    return {"distribution": info.distribution, "version": info.version}
 
 
 def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") -> None:
@@ -141,36 +214,69 @@ def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") 
 
 
 def create(kind: str, name: str, where: str = "", **params: Any) -> Any:
-    """Instantiate plugin ``name`` with validated keyword arguments."""
+    """Instantiate plugin ``name`` with validated keyword arguments; a scheme is given its registered name."""
     check_params(kind, name, params, where)
     cls = get_plugin(kind, name)
     try:
-        return cls(**params)
+        instance = cls(**params)
     except (TypeError, ValueError) as exc:
         location = f"{where}: " if where else ""
         raise ConfigError(f"{location}{kind[:-1]} '{name}': {exc}") from exc
+    if kind == "schemes":
+        instance.name = name
+    return instance
+
+
+def _names(kind: str, pattern: str | list[str], exclude: str | list[str] | None) -> list[str]:
+    return [i.name for i in list_plugins(kind, pattern, exclude) if i.status == "ok"]
 
 
 def list_schemes(pattern: str | list[str] = "*", exclude: str | list[str] | None = None) -> list[str]:
-    return [i.name for i in list_plugins("schemes", pattern, exclude) if i.status == "ok"]
+    """Names of the schemes that load, matching ``pattern`` and no ``exclude`` pattern, sorted naturally."""
+    return _names("schemes", pattern, exclude)
 
 
 def list_datasets(pattern: str | list[str] = "*", exclude: str | list[str] | None = None) -> list[str]:
-    return [i.name for i in list_plugins("datasets", pattern, exclude) if i.status == "ok"]
+    """Names of the datasets that load, matching ``pattern`` and no ``exclude`` pattern, sorted naturally."""
+    return _names("datasets", pattern, exclude)
 
 
 def list_models(pattern: str | list[str] = "*", exclude: str | list[str] | None = None) -> list[str]:
-    return [i.name for i in list_plugins("models", pattern, exclude) if i.status == "ok"]
+    """Names of the models that load, matching ``pattern`` and no ``exclude`` pattern, sorted naturally."""
+    return _names("models", pattern, exclude)
+
+
+def list_tasks(pattern: str | list[str] = "*", exclude: str | list[str] | None = None) -> list[str]:
+    """Names of the tasks that load, matching ``pattern`` and no ``exclude`` pattern, sorted naturally."""
+    return _names("tasks", pattern, exclude)
 
 
 def create_scheme(name: str, **params: Any) -> Any:
-    """An :class:`embbench.schemes.Scheme` instance: hyper-parameters validated, not yet built."""
+    """An :class:`embbench.schemes.Scheme` instance named ``name``: hyper-parameters validated, not yet built."""
     return create("schemes", name, **params)
 
 
 def create_dataset(name: str, **params: Any) -> Any:
+    """An :class:`embbench.data.Dataset` instance with validated keyword arguments."""
     return create("datasets", name, **params)
 
 
+def create_task(name: str, **params: Any) -> Any:
+    """An :class:`embbench.tasks.Task` instance with validated keyword arguments."""
+    return create("tasks", name, **params)
+
+
+def create_model(name: str, /, *args: Any, **params: Any) -> Any:
+    """A model instance: ``args`` (its embeddings and sizes) go to the constructor as they are, the keyword
+    hyper-parameters are validated first."""
+    check_params("models", name, params)
+    cls = get_plugin("models", name)
+    try:
+        return cls(*args, **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model '{name}': {exc}") from exc
+
+
 def get_model_class(name: str) -> Any:
+    """The model class registered as ``name`` (models are built around their embeddings by the runner)."""
     return get_plugin("models", name)

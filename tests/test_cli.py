@@ -157,3 +157,110 @@ def test_run_then_results_json_contract(tmp_path):
     report = invoke("report", "--db", str(db), "--out", str(tmp_path / "report"))
     assert report.exit_code == 0, report.output
     assert (tmp_path / "report" / "report.md").exists()
+
+
+# -- embbench check -----------------------------------------------------------------------------------------------
+
+MISSTATED_SCHEME = '''
+import torch
+from embbench import FLOAT_BYTES, EmbeddingTable, Scheme, SchemePlan
+
+
+class Lookup(torch.nn.Module):
+    def __init__(self, rows, dim, seed):
+        super().__init__()
+        self.rows = rows
+        self.table = EmbeddingTable(rows, dim, seed=seed)
+
+    def forward(self, ids):
+        return self.table(torch.remainder(ids, self.rows))
+
+
+class Misstated(Scheme):
+    def plan(self, feature, budget_bytes):
+        rows = budget_bytes // (feature.dim * FLOAT_BYTES)
+        return SchemePlan(self.name, {"rows": rows}, rows * feature.dim * FLOAT_BYTES - 4, budget_bytes)
+
+    def build(self, feature, plan, seed):
+        return Lookup(plan.params["rows"], feature.dim, seed)
+'''
+
+
+@pytest.fixture
+def misstated_plugin(tmp_path, monkeypatch):
+    """A third-party scheme 'misstated', installed as pip would, whose stated size is 4 bytes short."""
+    import sys
+
+    from embbench import registry
+
+    site = tmp_path / "site"
+    info = site / "misstated-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: misstated\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[embbench.schemes]\nmisstated = misstated_mod:Misstated\n")
+    (site / "misstated_mod.py").write_text(MISSTATED_SCHEME)
+    monkeypatch.syspath_prepend(str(site))
+    registry.discover("schemes", refresh=True)
+    yield "misstated"
+    sys.path.remove(str(site))
+    registry.discover("schemes", refresh=True)
+
+
+def check_lines(result) -> list[list[str]]:
+    return [line.split(None, 3) for line in result.output.splitlines() if line.strip()]
+
+
+def test_check_passes_a_good_scheme_with_one_line_per_check():
+    from embbench.testing import CHECKS, check_name
+
+    result = invoke("check", "hashing-trick")
+    assert result.exit_code == 0, result.output
+    lines = check_lines(result)
+    assert [line[1] for line in lines] == [check_name(check) for check in CHECKS]
+    assert all(line[0] == "PASS" and line[2] == "[defaults]" for line in lines)
+
+
+def test_check_runs_the_defaults_and_then_the_given_parameters():
+    result = invoke("check", "hashing-trick", "--param", "rows=100", "--dim", "8")
+    assert result.exit_code == 0, result.output
+    labels = [line[2] for line in check_lines(result)]
+    half = len(labels) // 2
+    assert labels == ["[defaults]"] * half + ["[rows=100]"] * half
+
+
+def test_check_json_contract():
+    result = invoke("check", "hashing-trick", "--param", "rows=100", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert all(set(row) == {"scheme", "params", "check", "passed", "message"} for row in rows)
+    assert {json.dumps(row["params"]) for row in rows} == {"{}", '{"rows": 100}'}
+    assert all(row["scheme"] == "hashing-trick" and row["passed"] for row in rows)
+
+
+def test_check_fails_with_exit_1_naming_the_check_and_the_reason(misstated_plugin):
+    result = invoke("check", misstated_plugin)
+    assert result.exit_code == 1, result.output
+    failing = [line for line in check_lines(result) if line[0] == "FAIL"]
+    assert [line[1] for line in failing] == ["size_accounting"]
+    assert "the plan states" in failing[0][3] and "but the module stores" in failing[0][3]
+    assert len(check_lines(result)) > 1  # the other checks still ran
+
+
+def test_check_unknown_scheme_is_one_line_with_a_suggestion():
+    result = invoke("check", "hashing-trik")
+    assert_one_line_error(result, "unknown scheme 'hashing-trik'", "did you mean 'hashing-trick'")
+
+
+def test_check_malformed_param_is_one_line():
+    result = invoke("check", "hashing-trick", "--param", "rows")
+    assert_one_line_error(result, "--param 'rows' must look like KEY=VALUE")
+
+
+def test_check_invalid_param_value_is_one_line():
+    result = invoke("check", "hashing-trick", "--param", "rows=0")
+    assert_one_line_error(result, "scheme 'hashing-trick'", "rows must be")
+    assert_one_line_error(invoke("check", "dhe", "--param", "num_hash=3"), "did you mean 'num_hashes'")
+
+
+def test_check_dim_below_one_is_one_line():
+    assert_one_line_error(invoke("check", "hashing-trick", "--dim", "0"), "dim must be >= 1")
