@@ -1,13 +1,32 @@
 """embbench: a benchmark suite for memory-efficient embedding schemes.
 
-The public API that plugins (built-in or third-party) may import lives here.
+This module is the public face: everything a plugin (built-in or third-party) of any kind (scheme, dataset,
+model, task) imports, as ``from embbench import ...``. The contract checks for schemes live in
+:mod:`embbench.testing`, imported on its own (it is meant for test suites). docs/plugins.md walks through
+writing each kind of plugin.
 """
 
+from embbench.collection import FeatureEmbeddings, TableTraining
+from embbench.ctr import SPLITS, CTRData, CTRDataset, CTRFrame, hash_strings
+from embbench.data import Dataset, Split, download_archive, features_of, find_file, prepare_split, read_table
 from embbench.errors import BudgetTooSmall, ConfigError, DataNotFound, EmbbenchError, PluginError
 from embbench.hashing import MERSENNE_PRIME, HashFamily
+from embbench.metrics import RankingAccumulator, classification_metrics
+from embbench.models import CTRModel, RecModel
+from embbench.registry import (
+    create_dataset,
+    create_model,
+    create_scheme,
+    create_task,
+    list_datasets,
+    list_models,
+    list_schemes,
+    list_tasks,
+)
 from embbench.schemes import (
     FLOAT_BYTES,
     ID_BYTES,
+    UNSEEN_KINDS,
     Budget,
     FeatureSpec,
     Scheme,
@@ -15,17 +34,82 @@ from embbench.schemes import (
     build_embedding,
     full_table_bytes,
     largest_fitting,
-    mlp_size_bytes,
     state_size_bytes,
 )
-from embbench.tables import DEFAULT_INIT_STD, EmbeddingTable
+from embbench.tables import DEFAULT_INIT_STD, EmbeddingTable, Lookup, TableBackedEmbedding
+from embbench.tasks import METRIC_COLUMNS, Task, TaskData, pool_batch
+from embbench.training import EpochRows, PlainStep, TrainConfig, TrainResult, TrainStep
 from embbench.vocabulary import VocabularyIndex, lookup_sorted
 
 __version__ = "0.1.0"
 
+# Grouped by the kind of plugin that needs them; within a group, constants, then classes, then functions,
+# each sorted.
 __all__ = [
-    "DEFAULT_INIT_STD", "FLOAT_BYTES", "ID_BYTES", "MERSENNE_PRIME", "Budget", "BudgetTooSmall",
-    "ConfigError", "DataNotFound", "EmbbenchError", "EmbeddingTable", "FeatureSpec", "HashFamily",
-    "PluginError", "Scheme", "SchemePlan", "VocabularyIndex", "build_embedding", "full_table_bytes",
-    "largest_fitting", "mlp_size_bytes", "state_size_bytes", "lookup_sorted",
+    # schemes: the API every scheme implements, and its size accounting
+    "FLOAT_BYTES",
+    "ID_BYTES",
+    "UNSEEN_KINDS",
+    "Budget",
+    "FeatureSpec",
+    "Scheme",
+    "SchemePlan",
+    "build_embedding",
+    "full_table_bytes",
+    "largest_fitting",
+    "state_size_bytes",
+    # schemes: building blocks of scheme modules (tables looked up in a model's one collection, hashing, vocabularies)
+    "DEFAULT_INIT_STD",
+    "MERSENNE_PRIME",
+    "EmbeddingTable",
+    "HashFamily",
+    "Lookup",
+    "TableBackedEmbedding",
+    "VocabularyIndex",
+    "lookup_sorted",
+    # datasets: user-item interactions and their leave-last-out split, click-through data, file helpers
+    "SPLITS",
+    "CTRData",
+    "CTRDataset",
+    "CTRFrame",
+    "Dataset",
+    "Split",
+    "download_archive",
+    "features_of",
+    "find_file",
+    "hash_strings",
+    "prepare_split",
+    "read_table",
+    # models: the model APIs and the collection that looks up every feature's tables at once
+    "CTRModel",
+    "FeatureEmbeddings",
+    "RecModel",
+    "TableTraining",
+    # tasks: the task API, training configuration and step, metrics, batches of IDs
+    "METRIC_COLUMNS",
+    "EpochRows",
+    "PlainStep",
+    "RankingAccumulator",
+    "Task",
+    "TaskData",
+    "TrainConfig",
+    "TrainResult",
+    "TrainStep",
+    "classification_metrics",
+    "pool_batch",
+    # errors: one-line user-facing errors (exit status 2 on the command line)
+    "BudgetTooSmall",
+    "ConfigError",
+    "DataNotFound",
+    "EmbbenchError",
+    "PluginError",
+    # registry: find and create registered plugins of every kind
+    "create_dataset",
+    "create_model",
+    "create_scheme",
+    "create_task",
+    "list_datasets",
+    "list_models",
+    "list_schemes",
+    "list_tasks",
 ]

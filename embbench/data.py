@@ -7,9 +7,7 @@ last interaction by time is the test item, the second-last the validation item, 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -23,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -163,13 +161,6 @@ def find_file(data_dir: Path, folders: Sequence[str], names: Sequence[str]) -> P
 
 def _is_gzip(path: str | Path) -> bool:
     return str(path).endswith(".gz")
-
-
-def open_text(path: Path, encoding: str = "utf-8") -> TextIO:
-    """Open a text file for reading, decompressing ``*.gz`` transparently."""
-    if _is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding)
-    return open(path, encoding=encoding)
 
 
 def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Avazu click-through logs (Kaggle "Click-Through Rate Prediction", 2014): the official train file or a sample.
 
 Each row is the CSV ``id,click,hour,C1,banner_pos,site_id,...,C21`` (24 columns). Every column but ``id`` and
-``click`` is a categorical field, the int64 :func:`embbench.ctr.hash_strings` of its string value, field by
+``click`` is a categorical field, the int64 :func:`embbench.hash_strings` of its string value, field by
 field; ``hour`` (YYMMDDHH) becomes two fields, ``hour_of_day`` (the string "00".."23") and ``weekday`` (the
 date's English day name), so there are 23 fields (21 columns plus these two) and no dense features.
 
@@ -45,9 +45,7 @@ from embbench_plugins.datasets.criteo import (
     scan,
 )
 
-from embbench.ctr import CTRData, CTRDataset, CTRFrame, hash_strings
-from embbench.data import find_file, read_table
-from embbench.errors import DataNotFound
+from embbench import CTRData, CTRDataset, CTRFrame, DataNotFound, find_file, hash_strings, read_table
 
 # Bump when the arrays read from the same files change: it is part of the fingerprint.
 READER_VERSION = "avazu/v1"

@@ -2,7 +2,7 @@
 
 Each row is ``label, I1..I13, C1..C26``, tab-separated, no header, an empty field is a missing value. The 13
 integer features become dense features log(1 + max(x, 0)) (missing: 0), float32; each of the 26 categorical
-values (8 hex characters, or empty) becomes the int64 :func:`embbench.ctr.hash_strings` of its string, field
+values (8 hex characters, or empty) becomes the int64 :func:`embbench.hash_strings` of its string, field
 by field; the empty string is a value like any other.
 
 Where the files are found, in the data folder, first match wins:
@@ -36,9 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embbench.ctr import CTRData, CTRDataset, CTRFrame
-from embbench.data import find_file, read_table
-from embbench.errors import DataNotFound
+from embbench import CTRData, CTRDataset, CTRFrame, DataNotFound, find_file, read_table
 
 # Bump when the arrays read from the same files change: it is part of the fingerprint.
 READER_VERSION = "criteo/v1"
@@ -91,7 +89,7 @@ def scan(path: Path, max_lines: int | None = None) -> tuple[str, int]:
 
 
 def hash_values(values: np.ndarray | pd.Series) -> np.ndarray:
-    """int64 IDs of string values, equal to :func:`embbench.ctr.hash_strings` (the same fixed-key SipHash).
+    """int64 IDs of string values, equal to :func:`embbench.hash_strings` (the same fixed-key SipHash).
 
     ``hash_strings`` first factorises the values, which is several times slower than hashing them directly on
     columns of mostly distinct strings (Criteo's largest fields); the IDs are the same either way.

@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from embbench import DataNotFound
-from embbench.data import Dataset, download_archive, find_file, read_table
+from embbench import DataNotFound, Dataset, download_archive, find_file, read_table
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 _HASH_CHUNK_BYTES = 1 << 20

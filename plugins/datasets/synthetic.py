@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embbench.data import Dataset
+from embbench import Dataset
 
 # Bump when the generated data changes for the same parameters: it is part of the fingerprint.
 GENERATOR_VERSION = "synthetic/v1"

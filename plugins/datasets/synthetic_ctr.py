@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from embbench_plugins.datasets.synthetic import ZipfLaw, _check_float, _check_int, hashed_normal, raw_ids
 
-from embbench.ctr import SPLITS, CTRData, CTRDataset, CTRFrame
+from embbench import SPLITS, CTRData, CTRDataset, CTRFrame
 
 # Bump when the generated data changes for the same parameters: it is part of the fingerprint.
 GENERATOR_VERSION = "synthetic-ctr/v1"
