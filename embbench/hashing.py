@@ -150,12 +150,5 @@ class HashFamily(nn.Module):
                 values.add_(quotient.floor_(), alpha=-self.num_buckets)  # mod m
             yield slice(start, stop), values
 
-    def hash_float64(self, ids: torch.Tensor) -> torch.Tensor:
-        """The hash values as exact integers in float64 [N, k]."""
-        out = torch.empty(ids.numel(), self.num_hashes, dtype=torch.float64, device=ids.device)
-        for rows, values in self.hash_blocks(ids):
-            out[rows].copy_(values)
-        return out
-
     def extra_repr(self) -> str:
         return f"num_hashes={self.num_hashes}, num_buckets={self.num_buckets}, premix={self.premix}"

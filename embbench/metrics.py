@@ -80,16 +80,11 @@ def rank_metrics(
     }
 
 
-def summarize(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean of each per-user metric over the users where it is defined (NaN when it is defined for none)."""
-    return {name: float(torch.nanmean(values.double())) if values.numel() else math.nan
-            for name, values in per_user.items()}
-
-
 class RankingAccumulator:
     """Streams user batches through rank_metrics and keeps running sums, so results need no per-user storage.
 
-    ``result()`` equals ``summarize(rank_metrics(...))`` over all users added (up to summation order).
+    ``result()`` is the mean of each ``rank_metrics`` value over the users where it is defined (up to summation
+    order).
     """
 
     def __init__(self, k: int = 10) -> None:

@@ -16,7 +16,8 @@ import torch
 import torch.utils.benchmark as benchmark
 from embbench_plugins.models.ncf import MLP
 
-from embbench import Budget, FeatureSpec, build_embedding
+from embbench import Budget, FeatureEmbeddings, FeatureSpec, TableTraining, build_embedding
+from embbench.optimizers import make_optimizers
 from embbench.registry import create_scheme
 
 #: the commit before the speed work: its hashing and dhe are "before"
@@ -83,8 +84,11 @@ def main() -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     user_embeddings, item_embeddings = embeddings(feature, seed=0), embeddings(feature, seed=1)
     for name in user_embeddings:
-        model = MLP(user_embeddings[name], item_embeddings[name], DIM).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        # as the runner trains it: tables row-sparse Adam in one collection, everything else Adam
+        tables = TableTraining("torch", "adam", 1e-3)
+        pair = FeatureEmbeddings({"user": user_embeddings[name], "item": item_embeddings[name]}, tables)
+        model = MLP(pair, DIM).train()
+        optimizer = make_optimizers(model, 1e-3)
 
         def step(model=model, optimizer=optimizer) -> None:
             optimizer.zero_grad()

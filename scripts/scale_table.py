@@ -14,7 +14,7 @@ import re
 import pandas as pd
 
 from embbench.report import format_bytes
-from embbench.store import ResultStore
+from embbench.run.store import ResultStore
 
 
 def vocabulary_of(config: dict | str) -> int:

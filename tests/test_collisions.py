@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from embbench.cli import main
-from embbench.collisions import collision_stats
+from embbench.measure.collisions import collision_stats
 
 
 class TupleTable(nn.Module):
@@ -64,7 +64,7 @@ def test_size_json_reports_collisions_of_the_hashing_trick_and_none_for_full():
 @pytest.mark.parametrize("scheme,budget", [("hashing-trick", "1/8"), ("multi-hashing", "1/64")])
 def test_collisions_estimated_from_a_sample_match_the_exact_count(scheme, budget):
     from embbench import registry
-    from embbench.collisions import collision_stats, estimated_collisions
+    from embbench.measure.collisions import collision_stats, estimated_collisions
     from embbench.schemes import Budget, FeatureSpec, build_embedding
 
     vocabulary = 400_000

@@ -19,7 +19,6 @@ from embbench.data import (
     cache_dir,
     download_archive,
     find_file,
-    open_text,
     prepare_split,
     read_table,
     resolve_data_dir,
@@ -266,23 +265,14 @@ def test_find_file_keeps_small_files_that_name_nothing(tmp_path):
     assert find_file(tmp_path, ["d"], ["ratings.dat"]) == tmp_path / "d" / "ratings.dat"
 
 
-def test_open_text_and_read_table_decompress_gzip_transparently(tmp_path):
+def test_read_table_decompresses_gzip_transparently(tmp_path):
     text = "a,b\n1,x\n2,é\n"
     plain, packed = tmp_path / "t.csv", tmp_path / "t.csv.gz"
     plain.write_text(text, encoding="utf-8")
     packed.write_bytes(gzip.compress(text.encode("utf-8")))
     for path in (plain, packed):
-        with open_text(path) as stream:
-            assert stream.read() == text
         frame = read_table(path)
         assert list(frame["a"]) == [1, 2] and list(frame["b"]) == ["x", "é"]
-
-
-def test_open_text_honours_the_encoding(tmp_path):
-    path = tmp_path / "latin.txt.gz"
-    path.write_bytes(gzip.compress("Amélie".encode("latin-1")))
-    with open_text(path, encoding="latin-1") as stream:
-        assert stream.read() == "Amélie"
 
 
 def test_download_failure_is_one_line_naming_the_destination(tmp_path):

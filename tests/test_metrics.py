@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from embbench.metrics import RankingAccumulator, rank_metrics, summarize
+from embbench.metrics import RankingAccumulator, rank_metrics
+
+
+def summarize(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each per-user metric over the users where it is defined (NaN when it is defined for none)."""
+    return {name: float(torch.nanmean(values.double())) if values.numel() else math.nan
+            for name, values in per_user.items()}
 
 
 def reference_metrics(

@@ -1,5 +1,6 @@
-"""What ``embbench size`` answers: a scheme resolved for a vocabulary and budget, its exact size, and the
-collision statistics of its index mapping over that vocabulary."""
+"""What ``embbench size`` answers: a scheme resolved for a vocabulary and budget exactly as a suite cell with one
+feature would be (:func:`embbench.run.resolve.plan_features`), its exact size, and the collision statistics of
+its index mapping over that vocabulary."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from embbench import registry
-from embbench.collisions import MAX_EXACT_IDS, collision_stats, estimated_collisions, has_index_tuples
-from embbench.schemes import Budget, FeatureSpec, build_embedding, full_table_bytes
+from embbench.measure.collisions import MAX_EXACT_IDS, collision_stats, estimated_collisions, has_index_tuples
+from embbench.run.resolve import plan_features
+from embbench.schemes import Budget, FeatureSpec, build_planned, full_table_bytes
 
 #: the largest module ``size_report`` builds to count collisions
 MAX_BUILD_BYTES = 2 * 10**9
@@ -35,8 +37,8 @@ def size_report(
     """
     instance = registry.create("schemes", scheme, where="--param", **(params or {}))
     feature = FeatureSpec.from_vocabulary("feature", vocab, dim)
-    budget_bytes = Budget.parse(budget).resolve(vocab, dim)
-    plan = instance.plan(feature, budget_bytes)
+    plan = plan_features(instance, {"feature": feature}, Budget.parse(budget))["feature"]
+    budget_bytes = plan.budget_bytes
     full = full_table_bytes(vocab, dim)
     result: dict[str, Any] = {
         "scheme": scheme,
@@ -46,11 +48,12 @@ def size_report(
         "full_bytes": full,
         "compression": full / plan.size_bytes if plan.size_bytes else math.inf,
         "budget_used": plan.size_bytes / budget_bytes,
-        "unseen_ids": type(instance).unseen,
+        "unseen_ids": instance.unseen_for(plan),
+        "notes": plan.notes,
         "collisions": None,
     }
     if collisions and plan.size_bytes <= MAX_BUILD_BYTES:
-        module, _ = build_embedding(instance, scheme, feature, budget_bytes, seed)
+        module = build_planned(instance, scheme, feature, plan, seed)
         if has_index_tuples(module):
             if vocab <= MAX_EXACT_IDS:
                 result["collisions"] = collision_stats(module, np.arange(vocab, dtype=np.int64)).as_dict()

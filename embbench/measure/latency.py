@@ -8,15 +8,14 @@ synchronises the device itself.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import benchmark
+
+from embbench.tasks import pool_batch
 
 DEFAULT_BATCH_SIZES = (1, 128, 4096)
 #: seconds of timed runs per measurement (blocked_autorange runs at least this long)
@@ -36,12 +35,6 @@ class Latency:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def pool_batch(pool: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``batch_size`` IDs drawn cyclically from ``pool`` (repeats when the pool is smaller)."""
-    repeats = -(-batch_size // len(pool))
-    return pool.repeat(repeats)[:batch_size].to(device)
 
 
 def time_call(call: Callable[[], Any], batch_size: int, device: torch.device, min_run_seconds: float) -> Latency:
@@ -93,47 +86,6 @@ def model_latency(
         return time_call(lambda: model(*inputs), len(inputs[0]), device, min_run_seconds)
     finally:
         model.train(was_training)
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def resident_bytes() -> int | None:
-    """The process's resident set size in bytes (Linux), None where /proc is absent."""
-    return _status_bytes("VmRSS:")
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand the memory the C allocator keeps from freed objects back to the system (glibc's
-    ``malloc_trim``), so that one cell's peak RSS does not start from the previous cell's leftovers."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def reset_peak_resident() -> bool:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False where the
-    kernel does not allow it, and then :func:`peak_resident_bytes` is the peak since the process started."""
-    release_freed_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_resident_bytes() -> int | None:
-    """The process's peak resident set size (VmHWM) since the last :func:`reset_peak_resident`."""
-    return _status_bytes("VmHWM:")
 
 
 def measure_cell_latency(
