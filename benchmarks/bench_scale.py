@@ -7,13 +7,13 @@ DLRM on ``synthetic-ctr`` (8 fields, 8,192 training rows) with 8 MB of embedding
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from embbench import registry
-from embbench.runner import share_budget
-from embbench.schemes import Budget, build_embedding
+from embbench import FeatureEmbeddings, registry
+from embbench.run.resolve import plan_features
+from embbench.schemes import Budget, build_planned
+from embbench.training import PlainStep
 
-from .common import use_benchmark_threads
+from .common import TABLES, use_benchmark_threads
 
 DIM = 16
 BUDGET = "8MB"
@@ -30,26 +30,24 @@ class DLRMAtScale:
         task = registry.create("tasks", "ctr")
         data = task.prepare(dataset, DIM)
         instance = registry.create_scheme(scheme)
-        plans = share_budget(instance, data.features, Budget.parse(BUDGET))
-        embeddings = {
-            name: build_embedding(instance, scheme, feature, plans[name].budget_bytes, seed=index + 1)[0]
+        plans = plan_features(instance, data.features, Budget.parse(BUDGET))
+        modules = {
+            name: build_planned(instance, scheme, feature, plans[name], seed=index + 1)
             for index, (name, feature) in enumerate(data.features.items())
         }
         torch.manual_seed(0)
-        self.model = task.build_model(registry.get_model_class("dlrm"), embeddings, data, DIM, {})
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        embeddings = FeatureEmbeddings(modules, TABLES)
+        model = task.build_model(registry.get_model_class("dlrm"), embeddings, data, DIM, {})
+        self.step = PlainStep(model, 1e-3, torch.device("cpu"))
         rows = data.payload["train"]
         self.inputs = tuple(tensor[:1024] for tensor in rows.inputs)
         self.labels = rows.labels[:1024]
 
     def _step(self) -> None:
-        loss = nn.functional.binary_cross_entropy_with_logits(self.model(*self.inputs), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.step(self.inputs, self.labels)
 
     def time_training_step(self, vocabulary: int, scheme: str) -> None:
-        """One DLRM step (batch 1024, forward, backward, Adam)."""
+        """One DLRM step (batch 1024, forward, backward, row-sparse Adam for tables, Adam for the rest)."""
         self._step()
 
     def peakmem_training_step(self, vocabulary: int, scheme: str) -> None:

@@ -8,12 +8,14 @@ change in the code, not noise.
 from __future__ import annotations
 
 import torch
+from embbench_plugins.tasks.ranking import RankingData
 
-from embbench import registry
+from embbench import FeatureEmbeddings, registry
 from embbench.data import Split, features_of, prepare_split
-from embbench.training import TrainConfig, TrainResult, train_and_evaluate
+from embbench.tasks import TaskData
+from embbench.training import PlainStep, TrainConfig, TrainResult
 
-from .common import BUDGETS, SCHEMES, build, plan_embedding, use_benchmark_threads
+from .common import BUDGETS, SCHEMES, TABLES, build, plan_embedding, use_benchmark_threads
 
 TASK = {"num_users": 1000, "num_items": 500, "interactions_per_user": 20, "seed": 0}
 DIM = 32
@@ -26,15 +28,18 @@ def synthetic_split() -> Split:
 
 
 def train_gmf(split: Split, scheme: str, budget: str, config: TrainConfig) -> TrainResult:
-    """GMF with ``scheme`` embeddings for users and items at ``budget``, trained and tested as the runner does."""
+    """GMF with ``scheme`` embeddings for users and items at ``budget``, trained and tested as the runner does
+    (the ranking task, the table collection, row-sparse Adam for tables and Adam for the rest)."""
     features = features_of(split, DIM)
-    embeddings = [
-        build(scheme, budget, feature, seed=SEED * 1000 + offset + 1)
-        for offset, feature in enumerate(features.values())
-    ]
+    modules = {
+        name: build(scheme, budget, feature, seed=SEED * 1000 + offset + 1)
+        for offset, (name, feature) in enumerate(features.items())
+    }
+    task = registry.create_task("ranking")
+    data = TaskData(features, RankingData(split))
     torch.manual_seed(SEED)
-    model = registry.get_model_class("gmf")(*embeddings, DIM)
-    return train_and_evaluate(model, split, config, SEED, torch.device("cpu"))
+    model = registry.get_model_class("gmf")(FeatureEmbeddings(modules, TABLES), DIM)
+    return task.fit(model, data, config, SEED, PlainStep(model, config.learning_rate, torch.device("cpu")))
 
 
 class _SyntheticTask:

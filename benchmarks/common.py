@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from embbench import registry
+from embbench import FeatureEmbeddings, TableTraining, registry
 from embbench.errors import BudgetTooSmall
 from embbench.schemes import Budget, FeatureSpec, SchemePlan, build_embedding
 
@@ -91,9 +91,25 @@ def batch_ids(batch_size: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tenso
     return torch.randint(0, vocab, (batch_size,), generator=torch.Generator().manual_seed(seed))
 
 
-def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, target: torch.Tensor) -> None:
-    """One forward, backward and Adam step on a squared-error loss against a fixed target."""
-    loss = (module(ids) - target).square().mean()
-    optimizer.zero_grad(set_to_none=True)
+#: how tables train in the benchmarks: the runner's default on a CPU (row-sparse Adam on the torch kernel)
+TABLES = TableTraining("torch", "adam", 1e-3)
+
+
+class Embedded(nn.Module):
+    """One feature's scheme module in a FeatureEmbeddings, as a model holds it; forward(ids) -> [N, dim]."""
+
+    def __init__(self, module: nn.Module, training: TableTraining = TABLES) -> None:
+        super().__init__()
+        self.embeddings = FeatureEmbeddings({"item": module}, training)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings.embed("item", ids)
+
+
+def train_step(model: nn.Module, optimizers: object, ids: torch.Tensor, target: torch.Tensor) -> None:
+    """One forward, backward and optimizer step (``embbench.optimizers.make_optimizers``) on a squared-error
+    loss against a fixed target."""
+    loss = (model(ids) - target).square().mean()
+    optimizers.zero_grad()  # type: ignore[attr-defined]
     loss.backward()
-    optimizer.step()
+    optimizers.step()  # type: ignore[attr-defined]
