@@ -46,17 +46,21 @@ class SparseRowWiseAdagrad(torch.optim.Optimizer):
                 parameter.index_add_(0, rows, -values * scale.unsqueeze(1))
 
 
-def sparse_table_optimizer(name: str, parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
-    """The torch optimizer that steps row-sparse table gradients as ``name`` does."""
+def torch_optimizer(
+    name: str, parameters: list[nn.Parameter], learning_rate: float, sparse_gradients: bool = True
+) -> torch.optim.Optimizer:
+    """The torch optimizer ``name`` (adam, sgd, adagrad, rowwise-adagrad) for parameters whose gradients are
+    row-sparse (table rows) or dense; the update is the one fbgemm's fused kernel of the same name computes."""
     if name == "adam":
-        return torch.optim.SparseAdam(parameters, lr=learning_rate)
+        adam = torch.optim.SparseAdam if sparse_gradients else torch.optim.Adam
+        return adam(parameters, lr=learning_rate)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=learning_rate)
     if name == "adagrad":
         return torch.optim.Adagrad(parameters, lr=learning_rate, eps=ADAGRAD_EPS)
     if name == "rowwise-adagrad":
         return SparseRowWiseAdagrad(parameters, lr=learning_rate)
-    raise ValueError(f"no sparse table optimizer '{name}'")
+    raise ValueError(f"unknown optimizer '{name}'")
 
 
 @dataclass
@@ -101,7 +105,7 @@ def make_optimizers(model: nn.Module, learning_rate: float) -> Optimizers:
         return Optimizers(torch.optim.Adam(groups), None)
     return Optimizers(
         torch.optim.Adam(dense, lr=learning_rate) if dense else None,
-        sparse_table_optimizer(training.optimizer, tables, training.learning_rate),
+        torch_optimizer(training.optimizer, tables, training.learning_rate),
     )
 
 

@@ -21,12 +21,13 @@ import inspect
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from embbench.errors import BudgetTooSmall, ConfigError
@@ -285,9 +286,18 @@ class Scheme(ABC):
 
 def state_size_bytes(module: nn.Module) -> int:
     """Bytes a module must store: its parameters and persistent buffers (its state_dict), shared storage once."""
+    return tensor_bytes(module.state_dict(keep_vars=True).values())
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``, storage shared between them counted once; packed sub-byte tensors (torchrec's
+    UInt4Tensor) by the bytes underneath."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for tensor in module.state_dict(keep_vars=True).values():
+    for tensor in tensors:
+        packed = getattr(tensor, "elem", None)  # UIntXTensor wraps its uint8 bytes in .elem
+        if isinstance(packed, torch.Tensor):
+            tensor = packed
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen:
             continue

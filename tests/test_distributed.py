@@ -23,8 +23,8 @@ from embbench import FeatureEmbeddings, TableTraining, registry
 from embbench import distributed as sharding
 from embbench.collection import torchrec_available
 from embbench.distributed import launch as launch_module
-from embbench.distributed.step import _regular_optimizer
 from embbench.distributed.wrap import embedding_collections
+from embbench.optimizers import torch_optimizer
 from embbench.schemes import FeatureSpec, build_embedding
 
 WORLD = 2
@@ -190,9 +190,9 @@ def _reference(
     tables = [p for _, ebc in embedding_collections(model) for p in ebc.parameters()]
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
-    optimizers = [_regular_optimizer(case.dense_optimizer, dense, case.dense_lr)]
+    optimizers = [torch_optimizer(case.dense_optimizer, dense, case.dense_lr, sparse_gradients=False)]
     if tables:
-        optimizers.append(_regular_optimizer(case.embedding_optimizer, tables, case.lr))
+        optimizers.append(torch_optimizer(case.embedding_optimizer, tables, case.lr, sparse_gradients=False))
     losses = []
     for users, items, labels in _batches()[:steps]:
         loss = nn.functional.binary_cross_entropy_with_logits(model(users, items), labels)

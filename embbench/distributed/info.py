@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 _INFO_ATTRIBUTE = "embbench_sharding"
 
+
 @dataclass(frozen=True)
 class ShardingInfo:
     """What ``shard_model`` did.
@@ -30,12 +31,14 @@ class ShardingInfo:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
 def sharding_info(model: nn.Module) -> ShardingInfo:
     """The ShardingInfo of a model returned by ``shard_model``."""
     info = getattr(model, _INFO_ATTRIBUTE, None)
     if not isinstance(info, ShardingInfo):
         raise TypeError(f"{type(model).__name__} was not returned by shard_model")
     return info
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside the DMP / DDP wrapper (with its tables sharded under DMP), e.g. to reach

@@ -18,6 +18,8 @@ from embbench.collection import FUSED_OPTIMIZERS
 
 SHARDING_TYPES = ("data-parallel", "table-wise", "row-wise", "column-wise", "table-column-wise")
 #: fused table optimizers with CPU kernels (fused Adam has none)
+
+
 EMBEDDING_OPTIMIZERS = FUSED_OPTIMIZERS["cpu"]
 
 
@@ -88,6 +90,7 @@ def plan_sharding(
             f"{device.type} rank(s): {str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
 
+
 def _column_block(dim: int, world: int) -> int | None:
     """The column block (torchrec's ``min_partition``) that splits a table of ``dim`` columns over ``world``
     ranks: the smallest multiple of 4 (fbgemm's granularity) dividing ``dim`` that is at least dim / world.
@@ -99,8 +102,10 @@ def _column_block(dim: int, world: int) -> int | None:
             return block
     return None
 
+
 def _local_world_size(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
 
 def splits_columns(plan: ShardingPlan) -> bool:
     return any(
@@ -108,6 +113,7 @@ def splits_columns(plan: ShardingPlan) -> bool:
         for module_plan in plan.plan.values()
         for sharding in module_plan.values()  # type: ignore[attr-defined]
     )
+
 
 def summarise(plan: ShardingPlan) -> dict[str, str]:
     summary = {}

@@ -20,12 +20,14 @@ def _is_sharded(tensor: object) -> bool:
 
     return isinstance(tensor, ShardedTensor)
 
+
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy unsharded weights (keys as the unwrapped model's ``state_dict``) into a sharded model's
     local shards and replicated tensors. Every rank passes the same full tensors."""
     with warnings.catch_warnings():  # torch deprecates ShardedTensor, which torchrec 1.8 still uses
         warnings.simplefilter("ignore", FutureWarning)
         _load_full_state_dict(model, state)
+
 
 def _load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = unwrap(model).state_dict()
@@ -47,6 +49,7 @@ def _load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             else:
                 raise TypeError(f"cannot load '{name}': unsupported state of type {type(target).__name__}")
 
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state on every rank, on CPU, with the keys an unsharded model's ``state_dict`` has, so
     that a freshly built model can ``load_state_dict`` it. Every rank must call this.
@@ -56,6 +59,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # torch deprecates ShardedTensor, which torchrec 1.8 still uses
         warnings.simplefilter("ignore", FutureWarning)
         return _full_state_dict(model)
+
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     distributed = dist.is_available() and dist.is_initialized()

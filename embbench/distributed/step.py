@@ -13,10 +13,10 @@ from torch import nn
 if TYPE_CHECKING:
     pass
 
-from embbench.collection import ADAGRAD_EPS
 from embbench.distributed.info import ShardingInfo, sharding_info, unwrap
 from embbench.distributed.state import full_state_dict, load_full_state_dict
 from embbench.distributed.wrap import shard_model
+from embbench.optimizers import torch_optimizer
 
 DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
 
@@ -50,6 +50,7 @@ class Optimizers:
         for optimizer in self.all():
             optimizer.step()
 
+
 def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The table parameters of a model returned by ``shard_model`` (those of its sharded collections)."""
     from embbench.collection import torchrec_available
@@ -65,10 +66,12 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
                 seen.setdefault(id(parameter), parameter)
     return list(seen.values())
 
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of a sharded model outside its tables: those a regular (dense) optimizer steps."""
     tables = {id(p) for p in embedding_parameters(model)}
     return [p for p in unwrap(model).parameters() if id(p) not in tables and p.requires_grad]
+
 
 def make_optimizers(
     model: nn.Module, dense_optimizer: str = "adam", dense_learning_rate: float | None = None
@@ -81,28 +84,18 @@ def make_optimizers(
     info = sharding_info(model)
     lr = info.learning_rate if dense_learning_rate is None else dense_learning_rate
     dense_params = dense_parameters(model)
-    dense = _regular_optimizer(dense_optimizer, dense_params, lr) if dense_params else None
+    dense = torch_optimizer(dense_optimizer, dense_params, lr, sparse_gradients=False) if dense_params else None
     fused = replicated = None
     if info.wrapped == "dmp":
         if info.sharding_type == "data-parallel":
             assert info.embedding_optimizer is not None
-            replicated = _regular_optimizer(info.embedding_optimizer, embedding_parameters(model), info.learning_rate)
+            replicated = torch_optimizer(
+                info.embedding_optimizer, embedding_parameters(model), info.learning_rate, sparse_gradients=False
+            )
         else:
             fused = model.fused_optimizer  # type: ignore[assignment]
     return Optimizers(fused, replicated, dense)
 
-def _regular_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, eps=ADAGRAD_EPS)
-    if name == "rowwise-adagrad":
-        from torchrec.optim import RowWiseAdagrad
-
-        return RowWiseAdagrad(params, lr=lr, eps=ADAGRAD_EPS)
-    raise ValueError(f"unknown optimizer '{name}'")
 
 def local_indices(batch_size: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of a global batch, padded so that every rank has ceil(B / W) rows.
@@ -117,8 +110,10 @@ def local_indices(batch_size: int, rank: int, world_size: int) -> tuple[torch.Te
     real = indices < batch_size
     return torch.where(real, indices, torch.zeros_like(indices)), real.float()
 
+
 def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+
 
 def train_step(
     model: nn.Module,
@@ -153,6 +148,7 @@ def train_step(
     dist.all_reduce(total)
     return total.item() / batch
 
+
 def _check_gradient_division(info: ShardingInfo) -> None:
     if info.wrapped != "dmp":
         return
@@ -163,6 +159,7 @@ def _check_gradient_division(info: ShardingInfo) -> None:
             "torchrec gradient division is off (comm_ops.set_gradient_division(False)): sharded table gradients "
             "would be summed over ranks, not averaged; train_step assumes the default (on)"
         )
+
 
 def distributed_forward(
     fn: Callable[..., torch.Tensor],

@@ -31,6 +31,7 @@ def embedding_collections(model: nn.Module) -> list[tuple[str, EmbeddingBagColle
 
     return [(name, module) for name, module in model.named_modules() if isinstance(module, EmbeddingBagCollection)]
 
+
 def shard_model(
     model: nn.Module,
     sharding_type: str,
@@ -66,13 +67,13 @@ def shard_model(
     return wrapped
 
 
-
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device)
     if device.type != "cuda":
         return DistributedDataParallel(model)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return DistributedDataParallel(model, device_ids=[index])
+
 
 def _fused_optimizer_class(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, float]]:
     if name == "sgd":
@@ -82,6 +83,7 @@ def _fused_optimizer_class(name: str) -> tuple[type[torch.optim.Optimizer], dict
     from torchrec.optim import RowWiseAdagrad
 
     return RowWiseAdagrad, {"eps": ADAGRAD_EPS}
+
 
 def _wrap_dmp(
     model: nn.Module,
@@ -119,6 +121,7 @@ def _wrap_dmp(
     load_full_state_dict(sharded, initial)
     _make_lookups_contiguous(sharded)
     return sharded, summarise(plan)
+
 
 def _make_lookups_contiguous(model: nn.Module) -> None:
     """Sharded lookups send their IDs through all-to-all, which needs contiguous tensors; an unsharded EBC

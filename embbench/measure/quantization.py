@@ -19,7 +19,7 @@ from torch import nn
 from embbench.collection import FeatureEmbeddings, TableCollection, _Store, torchrec_available
 from embbench.errors import EmbbenchError
 from embbench.run.settings import PRECISIONS
-from embbench.schemes import state_size_bytes
+from embbench.schemes import state_size_bytes, tensor_bytes
 from embbench.tables import Lookup
 
 #: bits per stored value of each precision
@@ -89,28 +89,13 @@ class QuantizedStore(_Store):
 
     def table_bytes(self, key: str) -> int:
         """Bytes table ``key`` stores at this precision: packed rows, per-row scale and bias, alignment."""
-        return _state_bytes(
+        return tensor_bytes(
             tensor for name, tensor in self.ebc.state_dict(keep_vars=True).items()
             if name.split(".")[1:2] == [key]
         )
 
     def extra_repr(self) -> str:
         return f"tables={len(self.keys)}, precision={self.precision}"
-
-
-def _state_bytes(tensors: object) -> int:
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for tensor in tensors:  # type: ignore[attr-defined]
-        packed = getattr(tensor, "elem", None)  # UIntXTensor wraps its uint8 bytes in .elem
-        if isinstance(packed, torch.Tensor):
-            tensor = packed
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def _embeddings(model: nn.Module) -> FeatureEmbeddings | None:
