@@ -221,6 +221,7 @@ class _FusedStore(_Store):
         )
         self._device = device
         self._tbe = [self._make_kernel()]  # a list: the kernel is not a submodule (see _save_to_state_dict)
+        self._offsets_cache: torch.Tensor | None = None
         with torch.no_grad():
             for target, spec in zip(self.kernel_module.split_embedding_weights(), specs, strict=True):
                 target.copy_(spec.table.weight)
@@ -246,10 +247,22 @@ class _FusedStore(_Store):
         return self._tbe[0]
 
     def pool(self, lookups: Sequence[Lookup | None], batch: int, device: torch.device) -> list[torch.Tensor]:
-        values, lengths, weights = self._jagged(lookups, batch, device, self.weighted)
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-        out = self.kernel_module(values, offsets, per_sample_weights=weights)
-        return list(out.split(self.slot_dims, dim=1))
+        if not self.weighted and all(
+            lookup is not None and lookup.lengths is None and lookup.indices.dim() == 1 for lookup in lookups
+        ):  # one row per ID in every slot (most schemes): the offsets are 0, 1, 2, ...
+            values = torch.cat([lookup.indices for lookup in lookups]) if len(lookups) > 1 else lookups[0].indices
+            out = self.kernel_module(values.contiguous(), self._regular_offsets(values.shape[0], device))
+        else:
+            values, lengths, weights = self._jagged(lookups, batch, device, self.weighted)
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+            out = self.kernel_module(values, offsets, per_sample_weights=weights)
+        return [out] if len(self.slot_dims) == 1 else list(out.split(self.slot_dims, dim=1))
+
+    def _regular_offsets(self, count: int, device: torch.device) -> torch.Tensor:
+        cached = self._offsets_cache
+        if cached is None or cached.shape[0] != count + 1 or cached.device != device:
+            cached = self._offsets_cache = torch.arange(count + 1, device=device)
+        return cached
 
     def weight(self, key: str) -> torch.Tensor:
         return self.kernel_module.split_embedding_weights()[self._index[key]]
@@ -291,6 +304,7 @@ class _FusedStore(_Store):
         copy.optimizer, copy.learning_rate = self.optimizer, self.learning_rate
         copy._specs_args, copy._device, copy._index = self._specs_args, self._device, dict(self._index)
         copy._tbe = [copy._make_kernel()]
+        copy._offsets_cache = None
         with torch.no_grad():
             for source, target in zip(
                 self.kernel_module.split_embedding_weights(), copy.kernel_module.split_embedding_weights(), strict=True
@@ -401,6 +415,8 @@ class TableCollection(nn.Module):
             groups = [(_TorchStore(specs, sparse=kernel == "sparse").to(device), specs)] if specs else []
         self.specs = specs
         self.table_keys = [spec.key for spec in specs]
+        # each module's reads of its last call and their slots: the structure is the same every call
+        self._read_plans: dict[nn.Module, tuple[tuple[EmbeddingTable, tuple[int, int]], ...]] = {}
         self.stores = nn.ModuleList()
         self.replace_stores([store for store, _ in groups])
         for spec in specs:
@@ -455,9 +471,19 @@ class TableCollection(nn.Module):
         for module, ids in calls:
             if int(ids.shape[0]) != batch:
                 raise ValueError(f"features looked up together need one batch size, got {batch} and {ids.shape[0]}")
+            lookups = module.lookups(ids)
+            known = self._read_plans.get(module)
+            if known is not None and len(known) == len(lookups) and all(
+                lookup.table is table and lookup.batch_size == batch
+                for lookup, (table, _) in zip(lookups, known, strict=True)
+            ):  # the same reads as the last call (the usual case): their slots are known
+                for lookup, (_, (store_index, slot_index)) in zip(lookups, known, strict=True):
+                    per_store[store_index][slot_index] = lookup
+                placed.append([where for _, where in known])
+                continue
             reads: dict[int, int] = {}
             where = []
-            for lookup in module.lookups(ids):
+            for lookup in lookups:
                 table = lookup.table
                 if table._collection is not self or table._key not in getattr(module, "_embbench_tables", ()):
                     raise ValueError(f"{type(module).__name__}.lookups read a table that is not one of its own")
@@ -475,6 +501,9 @@ class TableCollection(nn.Module):
                 store_index, slot_index = self._position[slots[read]]
                 per_store[store_index][slot_index] = lookup
                 where.append((store_index, slot_index))
+            self._read_plans[module] = tuple(
+                (lookup.table, position) for lookup, position in zip(lookups, where, strict=True)
+            )
             placed.append(where)
         pooled_per_store = [
             store.pool(lookups, batch, device) for store, lookups in zip(self.stores, per_store, strict=True)
