@@ -159,7 +159,7 @@ class _TorchStore(_Store):
         self.slots_per_table = [len(spec.slots) for spec in specs]
         self.embedding_bags = nn.ModuleDict()
         for spec in specs:
-            weight = spec.table.weight.detach().clone()
+            weight = spec.table.weight.detach()  # the bag takes over the rows: no copy
             self.embedding_bags[spec.key] = nn.EmbeddingBag(
                 spec.table.num_rows, spec.table.dim, mode="sum", sparse=sparse, _weight=weight
             )
