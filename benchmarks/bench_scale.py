@@ -11,7 +11,7 @@ import torch
 from embbench import FeatureEmbeddings, registry
 from embbench.run.resolve import plan_features
 from embbench.schemes import Budget, build_planned
-from embbench.training import PlainStep
+from embbench.training import PlainStep, TrainConfig
 
 from .common import TABLES, use_benchmark_threads
 
@@ -38,7 +38,7 @@ class DLRMAtScale:
         torch.manual_seed(0)
         embeddings = FeatureEmbeddings(modules, TABLES)
         model = task.build_model(registry.get_model_class("dlrm"), embeddings, data, DIM, {})
-        self.step = PlainStep(model, 1e-3, torch.device("cpu"))
+        self.step = PlainStep(model, TrainConfig(learning_rate=1e-3), torch.device("cpu"))
         rows = data.payload["train"]
         self.inputs = tuple(tensor[:1024] for tensor in rows.inputs)
         self.labels = rows.labels[:1024]

@@ -39,7 +39,7 @@ def train_gmf(split: Split, scheme: str, budget: str, config: TrainConfig) -> Tr
     data = TaskData(features, RankingData(split))
     torch.manual_seed(SEED)
     model = registry.get_model_class("gmf")(FeatureEmbeddings(modules, TABLES), DIM)
-    return task.fit(model, data, config, SEED, PlainStep(model, config.learning_rate, torch.device("cpu")))
+    return task.fit(model, data, config, SEED, PlainStep(model, config, torch.device("cpu")))
 
 
 class _SyntheticTask:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,22 +90,30 @@ def model_embeddings(model: nn.Module) -> FeatureEmbeddings | None:
     return embeddings if isinstance(embeddings, FeatureEmbeddings) else None
 
 
-def make_optimizers(model: nn.Module, learning_rate: float) -> Optimizers:
-    """Adam at ``learning_rate`` for the dense parameters, and the table optimizer the model's
-    :class:`embbench.collection.TableTraining` names for table rows a torch optimizer steps."""
+def dense_adam(groups: list[dict[str, Any]], weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or AdamW where ``weight_decay`` > 0 (decoupled decay; a group may set its own)."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    return torch.optim.Adam(groups)
+
+
+def make_optimizers(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> Optimizers:
+    """Adam at ``learning_rate`` (AdamW with ``weight_decay``) for the dense parameters, and the table optimizer
+    the model's :class:`embbench.collection.TableTraining` names for table rows a torch optimizer steps
+    (tables never decay)."""
     embeddings = model_embeddings(model)
     training = embeddings.table_training if embeddings is not None else None
     tables = embeddings.table_parameters() if embeddings is not None and training is not None else []
     table_ids = {id(parameter) for parameter in tables}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
+    dense_groups = [{"params": dense, "lr": learning_rate}] if dense else []
     if training is None or not tables:
-        return Optimizers(torch.optim.Adam(dense, lr=learning_rate) if dense else None, None)
+        return Optimizers(dense_adam(dense_groups, weight_decay) if dense else None, None)
     if training.optimizer == "dense-adam":
-        groups = [{"params": dense, "lr": learning_rate}] if dense else []
-        groups.append({"params": tables, "lr": training.learning_rate})
-        return Optimizers(torch.optim.Adam(groups), None)
+        table_group = {"params": tables, "lr": training.learning_rate, "weight_decay": 0.0}
+        return Optimizers(dense_adam([*dense_groups, table_group], weight_decay), None)
     return Optimizers(
-        torch.optim.Adam(dense, lr=learning_rate) if dense else None,
+        dense_adam(dense_groups, weight_decay) if dense else None,
         torch_optimizer(training.optimizer, tables, training.learning_rate),
     )
 

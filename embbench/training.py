@@ -35,6 +35,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     num_negatives: int = 4
     patience: int = 2
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense parameters
     early_stopping: str = "auc"  # the validation metric: "auc", "hr@10" (ranking) or "logloss"
     eval_batch_users: int = 1024
 
@@ -47,6 +48,8 @@ class TrainConfig:
             "patience": self.patience >= 1,
             "eval_batch_users": self.eval_batch_users >= 1,
         }
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -93,17 +96,17 @@ class TrainStep(Protocol):
 class PlainStep:
     """One step of the whole model in this process: table rows by the model's table optimizer (fused into the
     backward pass, or a torch optimizer of row-sparse gradients, see :mod:`embbench.collection`), every other
-    parameter by Adam at ``learning_rate``."""
+    parameter by Adam (AdamW with ``config.weight_decay``) at ``config.learning_rate``."""
 
     def __init__(
         self,
         model: nn.Module,
-        learning_rate: float,
+        config: TrainConfig,
         device: torch.device,
         after_first_step: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.device = model, device
-        self.optimizers: Optimizers = make_optimizers(model, learning_rate)
+        self.optimizers: Optimizers = make_optimizers(model, config.learning_rate, config.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self._after_first_step = after_first_step
 

@@ -28,7 +28,7 @@ from embbench import EmbeddingTable, FeatureEmbeddings, Lookup, TableBackedEmbed
 from embbench.collection import TABLE_BACKENDS, TABLE_OPTIMIZERS, TableCollection
 from embbench.optimizers import SparseRowWiseAdagrad, make_optimizers
 from embbench.registry import get_plugin
-from embbench.training import PlainStep
+from embbench.training import PlainStep, TrainConfig
 
 TORCHREC = embbench.collection.torchrec_available()
 needs_torchrec = pytest.mark.skipif(not TORCHREC, reason="the fused and sharded kernels need torchrec and fbgemm")
@@ -416,7 +416,7 @@ def test_dense_adam_equals_torch_adam_over_every_parameter_of_a_standalone_copy(
     tables = [p for name, p in reference.named_parameters() if name.startswith("embeddings.")]
     dense = [p for name, p in reference.named_parameters() if not name.startswith("embeddings.")]
     adam = torch.optim.Adam([{"params": dense, "lr": dense_lr}, {"params": tables, "lr": table_lr}])
-    step = PlainStep(model, dense_lr, CPU)
+    step = PlainStep(model, TrainConfig(learning_rate=dense_lr), CPU)
     batches = [
         (torch.tensor([0, 3, 3, 9, 12]), torch.tensor([5, 5, 0, 59, 31])),
         (torch.tensor([20, 21, 3, 30, 39]), torch.tensor([1, 2, 5, 40, 41])),
@@ -512,7 +512,7 @@ def assert_all_changed(got: Mapping[str, torch.Tensor], want: Mapping[str, torch
 @pytest.mark.parametrize("backend, optimizer", params(EVERY_KERNEL))
 def test_the_best_epochs_state_restores_the_embeddings(backend, optimizer):
     model = gmf_model(backend, optimizer)
-    step = PlainStep(model, 0.01, CPU)
+    step = PlainStep(model, TrainConfig(learning_rate=0.01), CPU)
     batches = toy_batches(4)
     train(step, batches[:2])
     best, best_embeddings = step.state(), embed_all(model.embeddings)
@@ -525,7 +525,7 @@ def test_the_best_epochs_state_restores_the_embeddings(backend, optimizer):
 @pytest.mark.parametrize("backend, optimizer", params(EVERY_KERNEL))
 def test_a_freshly_built_model_loads_the_state_dict_and_embeds_the_same(backend, optimizer):
     model = gmf_model(backend, optimizer)
-    train(PlainStep(model, 0.01, CPU), toy_batches(2))
+    train(PlainStep(model, TrainConfig(learning_rate=0.01), CPU), toy_batches(2))
     state = model.state_dict()
     for key in ("user__table", "item__tables_0", "item__tables_1", "item__tables_2"):
         assert any(name.endswith(f"embedding_bags.{key}.weight") for name in state), key
@@ -541,19 +541,20 @@ def test_a_deep_copy_of_a_fused_model_is_independent_and_carries_the_optimizer_s
     model = gmf_model("torchrec", "rowwise-adagrad")
     assert model.embeddings.kernel == "fused+sparse"
     batches = toy_batches(4)
-    train(PlainStep(model, 0.01, CPU), batches[:2])  # the row-wise accumulators are not zero any more
+    # the row-wise accumulators are not zero any more
+    train(PlainStep(model, TrainConfig(learning_rate=0.01), CPU), batches[:2])
     clone = copy.deepcopy(model)
     before = embed_all(model.embeddings)
     assert_same_embeddings(embed_all(clone.embeddings), before)
     assert clone.embeddings["user"].table._collection is clone.embeddings.tables
     assert clone.embeddings["user"].table.weight.data_ptr() != model.embeddings["user"].table.weight.data_ptr()
 
-    train(PlainStep(clone, 0.01, CPU), batches[2:])
+    train(PlainStep(clone, TrainConfig(learning_rate=0.01), CPU), batches[2:])
     assert_all_changed(embed_all(clone.embeddings), before)
     assert_same_embeddings(embed_all(model.embeddings), before)  # training the copy left the original alone
     # the original, trained on the same batches, ends where the copy did: the copy had its optimizer state
     torch.manual_seed(0)  # (nothing random in a step; for certainty)
-    train(PlainStep(model, 0.01, CPU), batches[2:])
+    train(PlainStep(model, TrainConfig(learning_rate=0.01), CPU), batches[2:])
     got, want = embed_all(model.embeddings), embed_all(clone.embeddings)
     for feature in want:
         torch.testing.assert_close(got[feature], want[feature], rtol=0, atol=ATOL)
@@ -566,7 +567,7 @@ def test_moving_the_model_to_the_cpu_keeps_it_working(backend, optimizer):
     assert model.to("cpu") is model
     model.to(CPU)
     assert_same_embeddings(embed_all(model.embeddings), before)
-    train(PlainStep(model, 0.01, CPU), toy_batches(2))
+    train(PlainStep(model, TrainConfig(learning_rate=0.01), CPU), toy_batches(2))
     after = embed_all(model.embeddings)
     assert_all_changed(after, before)
     table = model.embeddings["user"].table
@@ -779,7 +780,7 @@ def test_gmf_learns_a_toy_task_with_plain_step_under_every_kernel(backend, optim
     kernel = KERNEL_ON_CPU[backend, optimizer]
     assert model.embeddings.kernel == ("fused+sparse" if kernel == "fused" else kernel)
     before = embed_all(model.embeddings)
-    step = PlainStep(model, 0.05, CPU)
+    step = PlainStep(model, TrainConfig(learning_rate=0.05), CPU)
     batches = toy_batches(4, size=64)
     losses = [train(step, batches) for _ in range(5)]
     first, last = np.mean(losses[0]), np.mean(losses[-1])

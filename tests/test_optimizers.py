@@ -18,7 +18,7 @@ from embbench import FeatureEmbeddings, TableTraining
 from embbench.collection import torchrec_available
 from embbench.optimizers import SparseRowWiseAdagrad, make_optimizers, optimizer_memory
 from embbench.registry import get_plugin
-from embbench.training import PlainStep
+from embbench.training import PlainStep, TrainConfig
 
 needs_torchrec = pytest.mark.skipif(not torchrec_available(), reason="the fused kernel needs torchrec and fbgemm")
 
@@ -52,7 +52,7 @@ def gmf_model(backend: str, optimizer: str, narrow_items: bool = False, table_lr
 
 
 def one_step(model: nn.Module, dense_lr: float = 0.01) -> PlainStep:
-    step = PlainStep(model, dense_lr, CPU)
+    step = PlainStep(model, TrainConfig(learning_rate=dense_lr), CPU)
     users, items = torch.tensor([0, 1, 1, 7, 39]), torch.tensor([3, 3, 2, 59, 60])
     step((users, items), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
     return step
@@ -243,7 +243,8 @@ def test_sparse_row_wise_adagrad_trains_as_fbgemms_fused_row_wise_adagrad():
     torch_tables, fused_tables = models["torch"].embeddings.tables, models["torchrec"].embeddings.tables
     assert torch_tables.table_keys == fused_tables.table_keys
     initial = {key: torch_tables.weight(key).detach().clone() for key in torch_tables.table_keys}
-    steps = {backend: PlainStep(model, 0.01, CPU) for backend, model in models.items()}
+    config = TrainConfig(learning_rate=0.01)
+    steps = {backend: PlainStep(model, config, CPU) for backend, model in models.items()}
     for _ in range(3):  # the same batches again: accumulators of rows read before grow
         for inputs, labels in batches:
             for step in steps.values():
@@ -256,3 +257,16 @@ def test_sparse_row_wise_adagrad_trains_as_fbgemms_fused_row_wise_adagrad():
         torch.testing.assert_close(trained, fused, rtol=0, atol=1e-5, msg=key)
         (accumulator,) = fused_store.kernel_module.split_optimizer_states()[index]
         torch.testing.assert_close(sums[torch_tables.weight(key)]["sum"], accumulator, rtol=1e-5, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("table_optimizer", ["adam", "dense-adam"])
+def test_weight_decay_makes_the_dense_optimizer_adamw_and_never_decays_tables(table_optimizer):
+    model = gmf_model("torch", table_optimizer)
+    dense = make_optimizers(model, 0.001, weight_decay=0.1).dense
+    assert isinstance(dense, torch.optim.AdamW)
+    decays = {id(p): group["weight_decay"] for group in dense.param_groups for p in group["params"]}
+    assert decays[id(model.output.weight)] == 0.1
+    tables = model.embeddings.table_parameters()
+    assert tables and all(decays.get(id(p), 0.0) == 0.0 for p in tables)  # not decayed, or not in this optimizer
+    plain = make_optimizers(model, 0.001).dense
+    assert isinstance(plain, torch.optim.Adam) and not isinstance(plain, torch.optim.AdamW)  # no decay: plain Adam

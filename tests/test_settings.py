@@ -24,6 +24,7 @@ batch_size = 256
 learning_rate = 0.002
 num_negatives = 3
 patience = 4
+weight_decay = 0.01
 early_stopping = "logloss"
 budgets = ["1/2", "64MB"]
 devices = ["cpu", "cuda"]

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 from embbench.distributed.info import ShardingInfo, sharding_info, unwrap
 from embbench.distributed.state import full_state_dict, load_full_state_dict
 from embbench.distributed.wrap import shard_model
-from embbench.optimizers import torch_optimizer
+from embbench.optimizers import dense_adam, torch_optimizer
 
 DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
 
@@ -74,7 +74,8 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizers(
-    model: nn.Module, dense_optimizer: str = "adam", dense_learning_rate: float | None = None
+    model: nn.Module, dense_optimizer: str = "adam", dense_learning_rate: float | None = None,
+    weight_decay: float = 0.0,
 ) -> Optimizers:
     """Optimizers for a model returned by ``shard_model``: the fused table optimizer DMP holds, a regular
     optimizer for data-parallel tables, and ``dense_optimizer`` (adam, sgd or adagrad) at
@@ -84,7 +85,10 @@ def make_optimizers(
     info = sharding_info(model)
     lr = info.learning_rate if dense_learning_rate is None else dense_learning_rate
     dense_params = dense_parameters(model)
-    dense = torch_optimizer(dense_optimizer, dense_params, lr, sparse_gradients=False) if dense_params else None
+    if dense_optimizer == "adam" and dense_params:
+        dense = dense_adam([{"params": dense_params, "lr": lr}], weight_decay)
+    else:
+        dense = torch_optimizer(dense_optimizer, dense_params, lr, sparse_gradients=False) if dense_params else None
     fused = replicated = None
     if info.wrapped == "dmp":
         if info.sharding_type == "data-parallel":
@@ -212,7 +216,7 @@ class ShardedStep:
     def __init__(
         self,
         model: nn.Module,
-        learning_rate: float,
+        config: Any,
         placement: Any,
         after_first_step: Callable[[], None] | None = None,
     ) -> None:
@@ -220,7 +224,7 @@ class ShardedStep:
         self.device = placement.device
         self.wrapped = shard_model(model, placement.sharding, tables.optimizer, tables.learning_rate, self.device)
         self.info = sharding_info(self.wrapped)
-        self.optimizers = make_optimizers(self.wrapped, "adam", learning_rate)
+        self.optimizers = make_optimizers(self.wrapped, "adam", config.learning_rate, config.weight_decay)
         self._after_first_step = after_first_step
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:

@@ -142,9 +142,9 @@ def _train(
         if placement.sharding is not None:
             from embbench.distributed import ShardedStep, full_state_dict
 
-            step: Any = ShardedStep(model, run.training.learning_rate, placement, after_first_step)
+            step: Any = ShardedStep(model, run.training, placement, after_first_step)
         else:
-            step = PlainStep(model, run.training.learning_rate, device, after_first_step)
+            step = PlainStep(model, run.training, device, after_first_step)
         result = task.fit(model, data, run.training, run.trained.seed, step, on_epoch=on_epoch)
         memory = optimizer_memory(model, step.optimizers) if placement.sharding is None else None
         if placement.sharding is not None:
