@@ -71,6 +71,14 @@ def test_size_json_contract():
     assert 0.9 * data["budget_bytes"] <= data["size_bytes"] <= data["budget_bytes"]
 
 
+def test_size_answers_what_a_suite_cell_with_the_same_settings_runs():
+    result = invoke("size", "hashing-trick", "--vocab", "1000", "--dim", "32", "--budget", "64MB", "--json")
+    data = json.loads(result.output)
+    # a byte budget above the full table is capped at the full table, as in a suite cell
+    assert data["budget_bytes"] == data["full_bytes"] == (1000 + 1) * 32 * 4 + 1000 * 8
+    assert data["unseen_ids"] == "collided" and data["notes"] == {}
+
+
 def test_size_takes_hyper_parameters():
     result = invoke("size", "dhe", "--vocab", "1000", "--budget", "1", "--param", "num_hashes=64", "--json")
     assert json.loads(result.output)["params"]["num_hashes"] == 64
@@ -152,6 +160,10 @@ def test_run_then_results_json_contract(tmp_path):
     assert required <= set(rows[0])
     assert rows[0]["status"] == "ok" and rows[0]["scheme"] == "hashing-trick" and rows[0]["budget"] == "1/4"
     assert 0 <= rows[0]["test_auc"] <= 1
+    plans = json.loads(rows[0]["plan_json"])  # every feature's plan, with how it embeds unseen IDs
+    assert set(plans) == {"user", "item"} and plans["user"]["unseen"] == "collided"
+    assert rows[0]["table_kernel"] == "sparse" and rows[0]["embedding_optimizer"] == "adam"
+    assert rows[0]["table_optimizer_bytes"] > 0
     csv = invoke("results", "--db", str(db), "--csv").output.splitlines()
     assert csv[0].startswith("suite,dataset,model,scheme") and len(csv) == 2
     report = invoke("report", "--db", str(db), "--out", str(tmp_path / "report"))

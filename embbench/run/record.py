@@ -70,6 +70,8 @@ _PUBLIC = [
            shared=True),
     Column("sharding", "TEXT", "sharding type used (none: unsharded)", shared=True),
     Column("world_size", "INTEGER", "processes", shared=True),
+    Column("plan_json", "TEXT", "each feature's plan: parameters, size, budget, unseen-ID handling, notes",
+           json=True, shared=True),
 ]
 _PRIVATE = [
     Column("cell_key", "TEXT PRIMARY KEY", "hash of the cell's identity", public=False),
@@ -85,8 +87,6 @@ _PRIVATE = [
            json=True, shared=True),
     Column("config_json", "TEXT NOT NULL", "the cell's configuration (its identity and labels)", public=False,
            json=True),
-    Column("plan_json", "TEXT", "each feature's plan: parameters, size, unseen-ID handling, notes", public=False,
-           json=True, shared=True),
     Column("history_json", "TEXT", "metrics and seconds of every epoch", public=False, json=True, shared=True),
     Column("latency_json", "TEXT", "every latency measurement", public=False, json=True),
     Column("environment_json", "TEXT", "library versions and hardware", public=False, json=True, shared=True),
