@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from embbench.collection import ADAGRAD_EPS, FeatureEmbeddings
+from embbench.collection import FeatureEmbeddings
+from embbench.kernels import ADAGRAD_EPS
 
 
 class SparseRowWiseAdagrad(torch.optim.Optimizer):

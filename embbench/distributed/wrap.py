@@ -15,10 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 if TYPE_CHECKING:
     from torchrec import EmbeddingBagCollection
 
-from embbench.collection import ADAGRAD_EPS
 from embbench.distributed.info import _INFO_ATTRIBUTE, ShardingInfo, unwrap
 from embbench.distributed.plan import plan_sharding, splits_columns, summarise, validate
 from embbench.distributed.state import load_full_state_dict
+from embbench.kernels import ADAGRAD_EPS
 
 
 def embedding_collections(model: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:

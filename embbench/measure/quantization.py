@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from embbench.collection import FeatureEmbeddings, TableCollection, _Store, torchrec_available
+from embbench.collection import FeatureEmbeddings, TableCollection, torchrec_available
 from embbench.errors import EmbbenchError
+from embbench.kernels import TableStore
 from embbench.run.settings import PRECISIONS
 from embbench.schemes import state_size_bytes, tensor_bytes
 from embbench.tables import Lookup
@@ -43,7 +44,7 @@ def _quantized_dtype(precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}[precision]
 
 
-class QuantizedStore(_Store):
+class QuantizedStore(TableStore):
     """Every table of a collection in one torchrec quantised EmbeddingBagCollection (inference only)."""
 
     kernel = "quantized"
