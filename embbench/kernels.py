@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from embbench.tables import EmbeddingTable, Lookup
 
@@ -83,46 +84,120 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
 
 
 class TorchStore(TableStore):
-    """``nn.EmbeddingBag`` per table, sparse or dense gradients; each table pools all its slots in one call."""
+    """The tables in plain torch, one weight per row width: the tables of one width are stacked in one
+    ``[rows, dim]`` parameter, and all their reads of a batch are one ``embedding_bag`` call, with row-sparse
+    (``sparse``) or dense gradients. The state dict shows each table's rows under its own key."""
 
     def __init__(self, specs: Sequence[TableSpec], sparse: bool) -> None:
         super().__init__(specs)
         self.kernel = "sparse" if sparse else "dense"
-        self.slots_per_table = [len(spec.slots) for spec in specs]
-        self.embedding_bags = nn.ModuleDict()
+        self.sparse = sparse
+        widths: list[int] = []
+        stacked: list[list[torch.Tensor]] = []
+        self._rows: dict[str, tuple[int, int, int]] = {}  # table key -> (group, first row, rows)
+        self._slot_start: list[int] = []  # each slot's first row in its group's weight
+        self._group_slots: list[list[int]] = []  # the slots of each group, in store order
+        slot = 0
         for spec in specs:
-            weight = spec.table.weight.detach()  # the bag takes over the rows: no copy
-            self.embedding_bags[spec.key] = nn.EmbeddingBag(
-                spec.table.num_rows, spec.table.dim, mode="sum", sparse=sparse, _weight=weight
-            )
+            if spec.table.dim not in widths:
+                widths.append(spec.table.dim)
+                stacked.append([])
+                self._group_slots.append([])
+            group = widths.index(spec.table.dim)
+            start = sum(part.shape[0] for part in stacked[group])
+            stacked[group].append(spec.table.weight.detach())
+            self._rows[spec.key] = (group, start, spec.table.num_rows)
+            for _ in spec.slots:
+                self._slot_start.append(start)
+                self._group_slots[group].append(slot)
+                slot += 1
+        for group, parts in enumerate(stacked):
+            weight = parts[0] if len(parts) == 1 else torch.cat(parts)  # one table: taken over, no copy
+            self.register_parameter(f"rows_{group}", nn.Parameter(weight))
+
+    def _weight_of(self, group: int) -> nn.Parameter:
+        return self._parameters[f"rows_{group}"]  # type: ignore[return-value]
 
     def pool(self, lookups: Sequence[Lookup | None], batch: int, device: torch.device) -> list[torch.Tensor]:
-        pooled: list[torch.Tensor] = []
-        start = 0
-        for bag, count in zip(self.embedding_bags.values(), self.slots_per_table, strict=True):
-            mine = lookups[start : start + count]
-            start += count
-            if count == 1 and mine[0] is not None and mine[0].lengths is None:  # k rows per ID: no offsets needed
-                lookup = mine[0]
-                indices, weights = lookup.indices, lookup.weights
-                if indices.dim() == 1:
-                    indices, weights = indices.unsqueeze(1), None if weights is None else weights.unsqueeze(1)
-                pooled.append(bag(indices, per_sample_weights=weights))
-                continue
+        pooled: list[Any] = [None] * len(lookups)
+        for group, slots in enumerate(self._group_slots):
+            weight = self._weight_of(group)
+            mine = [lookups[slot] for slot in slots]
             if all(lookup is None for lookup in mine):
-                pooled.extend(torch.zeros(batch, bag.embedding_dim, device=device) for _ in mine)
+                for slot in slots:
+                    pooled[slot] = torch.zeros(batch, weight.shape[1], device=device)
                 continue
-            weighted = any(lookup is not None and lookup.weights is not None for lookup in mine)
-            values, lengths, weights = self._jagged(mine, batch, device, weighted)
-            out = bag(values, offsets_of(lengths)[:-1], per_sample_weights=weights)
-            pooled.extend(out.chunk(count) if count > 1 else (out,))
+            if all(
+                lookup is not None and lookup.lengths is None and lookup.indices.dim() == 1 and lookup.weights is None
+                for lookup in mine
+            ):  # one row per ID in every slot: a [slots * batch, 1] input, no offsets
+                rows = [lookup.indices + self._slot_start[slot] if self._slot_start[slot] else lookup.indices
+                        for slot, lookup in zip(slots, mine, strict=True)]
+                values = torch.cat(rows) if len(rows) > 1 else rows[0]
+                out = functional.embedding_bag(values.unsqueeze(1), weight, mode="sum", sparse=self.sparse)
+            else:
+                bags = []
+                for slot, lookup in zip(slots, mine, strict=True):
+                    if lookup is None:
+                        bags.append((torch.empty(0, dtype=torch.int64, device=device),
+                                     torch.zeros(batch, dtype=torch.int64, device=device), None))
+                    else:
+                        values, lengths, weights = lookup.bags()
+                        bags.append((values + self._slot_start[slot], lengths, weights))
+                weighted = any(bag[2] is not None for bag in bags)
+                values = torch.cat([bag[0] for bag in bags])
+                lengths = torch.cat([bag[1] for bag in bags])
+                weights = torch.cat([
+                    bag[2].float() if bag[2] is not None else torch.ones(bag[0].shape, device=device) for bag in bags
+                ]) if weighted else None
+                out = functional.embedding_bag(
+                    values, weight, offsets_of(lengths)[:-1], mode="sum", per_sample_weights=weights,
+                    sparse=self.sparse,
+                )
+            for slot, part in zip(slots, out.split(batch), strict=True):
+                pooled[slot] = part
         return pooled
 
     def weight(self, key: str) -> torch.Tensor:
-        return self.embedding_bags[key].weight
+        parameter, rows = self.parameter_rows(key)
+        return parameter[rows]
+
+    def parameter_rows(self, key: str) -> tuple[nn.Parameter, slice]:
+        """The stacked parameter that holds table ``key``, and the table's rows in it."""
+        group, start, rows = self._rows[key]
+        return self._weight_of(group), slice(start, start + rows)
 
     def table_parameters(self) -> list[nn.Parameter]:
-        return [bag.weight for bag in self.embedding_bags.values()]
+        return [self._weight_of(group) for group in range(len(self._group_slots))]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key in self.keys:
+            weight = self.weight(key)
+            destination[f"{prefix}embedding_bags.{key}.weight"] = weight if keep_vars else weight.detach()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        _load_table_rows(self, state_dict, prefix, strict, missing_keys, unexpected_keys)
+
+
+def _load_table_rows(
+    store: TableStore, state_dict: dict[str, Any], prefix: str, strict: bool, missing_keys: list[str],
+    unexpected_keys: list[str],
+) -> None:
+    """Copy each table's rows from ``state_dict`` (key ``<prefix>embedding_bags.<table>.weight``) into ``store``."""
+    known = set()
+    for key in store.keys:
+        name = f"{prefix}embedding_bags.{key}.weight"
+        known.add(name)
+        if name not in state_dict:
+            missing_keys.append(name)
+            continue
+        with torch.no_grad():
+            store.weight(key).copy_(state_dict[name])
+    if strict:  # the store has no other state: anything else under its prefix is unexpected
+        unexpected_keys.extend(name for name in state_dict if name.startswith(prefix) and name not in known)
 
 
 class FusedStore(TableStore):
@@ -217,16 +292,7 @@ class FusedStore(TableStore):
         self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        for key in self.keys:
-            name = f"{prefix}embedding_bags.{key}.weight"
-            if name not in state_dict:
-                missing_keys.append(name)
-                continue
-            with torch.no_grad():
-                self.weight(key).copy_(state_dict[name])
-        known = {f"{prefix}embedding_bags.{key}.weight" for key in self.keys}
-        if strict:  # the store has no other state: anything else under its prefix is unexpected
-            unexpected_keys.extend(name for name in state_dict if name.startswith(prefix) and name not in known)
+        _load_table_rows(self, state_dict, prefix, strict, missing_keys, unexpected_keys)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedStore:
         copy = self.__class__.__new__(self.__class__)

@@ -340,7 +340,7 @@ def test_tables_narrower_than_fbgemm_takes_go_to_a_sparse_store_beside_the_fused
     fused, rest = collection.stores
     assert (fused.kernel, fused.keys) == ("fused", ["f__tables_0"])  # width 4
     assert (rest.kernel, rest.keys) == ("sparse", ["f__tables_1", "f__tables_2"])  # width 2
-    assert all(bag.sparse for bag in rest.embedding_bags.values())
+    assert rest.sparse and len(rest.table_parameters()) == 1  # the two width-2 tables: one stacked weight
     assert collection.kernel == embeddings.kernel == "fused+sparse"
     described = collection.describe()
     assert described["kernel_calls_per_batch"] == 2 and described["tables_per_kernel"] == {"fused": 1, "sparse": 2}
@@ -351,7 +351,7 @@ def test_tables_narrower_than_fbgemm_takes_go_to_a_sparse_store_beside_the_fused
     optimizers = make_optimizers(Holder(embeddings), 0.01)
     assert type(optimizers.tables) is TABLE_OPTIMIZER_CLASS[optimizer]
     stepped = [p for group in optimizers.tables.param_groups for p in group["params"]]
-    assert [id(p) for p in stepped] == [id(bag.weight) for bag in rest.embedding_bags.values()]
+    assert [id(p) for p in stepped] == [id(p) for p in rest.table_parameters()]
 
 
 @needs_torchrec

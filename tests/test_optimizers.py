@@ -98,26 +98,28 @@ def test_dense_adam_is_one_adam_with_the_tables_at_the_table_rate():
 #
 # What torch 2.x and fbgemm keep per table of R rows of width D, after one step (fp32 throughout):
 #   dense Adam (dense-adam)    exp_avg and exp_avg_sq, dense: 2 * 4 * R * D, plus its step counter, a 0-d fp32
-#                              tensor per parameter: + 4
+#                              tensor per parameter: + 4 per stacked weight (the torch kernel stacks the tables
+#                              of one row width in one parameter)
 #   SparseAdam (adam, torch)   exp_avg and exp_avg_sq, allocated dense though only read rows change:
 #                              2 * 4 * R * D; its step counter is a Python int, not a tensor: + 0
 #   SGD (sgd), torch or fused  nothing (no momentum)
 #   Adagrad (adagrad), torch   the sum of squared gradients, per element: 4 * R * D, plus a 0-d fp32 step: + 4
+#                              per stacked weight
 #   Adagrad, fused             the sum per element: 4 * R * D
 #   row-wise Adagrad           one accumulator per row: 4 * R (SparseRowWiseAdagrad and fbgemm alike)
 # The dense parameters (GMF's output layer, 8 weights and a bias) under Adam: 2 * 4 * 9 + 2 * 4 (two steps).
 
 
 def table_state_bytes(kind: str, rows: int, dim: int) -> int:
-    """Bytes of optimizer state of one table of ``rows`` x ``dim`` (the table above); ``kind`` is
-    'fused-<optimizer>', 'torch-<optimizer>' or 'dense-adam'."""
+    """Bytes of optimizer state of one table of ``rows`` x ``dim`` (the table above), step counters aside; ``kind``
+    is 'fused-<optimizer>', 'torch-<optimizer>' or 'dense-adam'."""
     elements = rows * dim
     return {
-        "dense-adam": 2 * FLOAT * elements + FLOAT,
+        "dense-adam": 2 * FLOAT * elements,
         "torch-adam": 2 * FLOAT * elements,
         "torch-sgd": 0,
         "fused-sgd": 0,
-        "torch-adagrad": FLOAT * elements + FLOAT,
+        "torch-adagrad": FLOAT * elements,
         "fused-adagrad": FLOAT * elements,
         "torch-rowwise-adagrad": FLOAT * rows,
         "fused-rowwise-adagrad": FLOAT * rows,
@@ -156,18 +158,20 @@ def test_optimizer_memory_counts_the_state_each_table_optimizer_keeps(backend, o
         else:
             kind = f"torch-{optimizer}"  # the sparse kernel, or the fused kernel's fallback
         expected += table_state_bytes(kind, table.num_rows, table.dim)
+    if optimizer in ("dense-adam", "adagrad"):  # torch's step counter: one per stacked weight it steps
+        expected += FLOAT * len(model.embeddings.table_parameters())
     assert memory.table_bytes == expected
     assert memory.dense_bytes == GMF_DENSE_BYTES
 
 
 def test_the_byte_formulas_in_numbers():
-    """The full-table GMF (41 + 61 rows of 8 = 816 values in 2 tables), spelled out."""
-    values, rows, tables = (USERS + 1 + ITEMS + 1) * DIM, USERS + 1 + ITEMS + 1, 2
+    """The full-table GMF (41 + 61 rows of 8 = 816 values in 2 tables, one stacked weight), spelled out."""
+    values, rows, weights = (USERS + 1 + ITEMS + 1) * DIM, USERS + 1 + ITEMS + 1, 1  # both of width 8: stacked
     assert values == 816 and rows == 102
     cases = {
-        ("torch", "dense-adam"): 2 * 4 * values + 4 * tables,
+        ("torch", "dense-adam"): 2 * 4 * values + 4 * weights,
         ("torch", "adam"): 2 * 4 * values,
-        ("torch", "adagrad"): 4 * values + 4 * tables,
+        ("torch", "adagrad"): 4 * values + 4 * weights,
         ("torch", "rowwise-adagrad"): 4 * rows,
         ("torch", "sgd"): 0,
     }
@@ -256,7 +260,8 @@ def test_sparse_row_wise_adagrad_trains_as_fbgemms_fused_row_wise_adagrad():
         assert not torch.equal(trained, initial[key]), f"{key}: training moved nothing"
         torch.testing.assert_close(trained, fused, rtol=0, atol=1e-5, msg=key)
         (accumulator,) = fused_store.kernel_module.split_optimizer_states()[index]
-        torch.testing.assert_close(sums[torch_tables.weight(key)]["sum"], accumulator, rtol=1e-5, atol=1e-9, msg=key)
+        stacked, rows = torch_tables.store_of(key).parameter_rows(key)
+        torch.testing.assert_close(sums[stacked]["sum"][rows], accumulator, rtol=1e-5, atol=1e-9, msg=key)
 
 
 @pytest.mark.parametrize("table_optimizer", ["adam", "dense-adam"])
