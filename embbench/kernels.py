@@ -83,7 +83,34 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
-class TorchStore(TableStore):
+class PerTableState(TableStore):
+    """A store whose rows live in its own buffers (stacked weights, a kernel's flat buffer): its state dict
+    shows each table's rows under its own key, ``embedding_bags.<table>.weight``, as torchrec's collections
+    do, whatever the layout behind them; it has no other state."""
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key in self.keys:
+            weight = self.weight(key)
+            destination[f"{prefix}embedding_bags.{key}.weight"] = weight if keep_vars else weight.detach()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        known = set()
+        for key in self.keys:
+            name = f"{prefix}embedding_bags.{key}.weight"
+            known.add(name)
+            if name not in state_dict:
+                missing_keys.append(name)
+                continue
+            with torch.no_grad():
+                self.weight(key).copy_(state_dict[name])
+        if strict:  # anything else under the store's prefix is unexpected
+            unexpected_keys.extend(name for name in state_dict if name.startswith(prefix) and name not in known)
+
+
+class TorchStore(PerTableState):
     """The tables in plain torch, one weight per row width: the tables of one width are stacked in one
     ``[rows, dim]`` parameter, and all their reads of a batch are one ``embedding_bag`` call, with row-sparse
     (``sparse``) or dense gradients. The state dict shows each table's rows under its own key."""
@@ -170,37 +197,8 @@ class TorchStore(TableStore):
     def table_parameters(self) -> list[nn.Parameter]:
         return [self._weight_of(group) for group in range(len(self._group_slots))]
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        for key in self.keys:
-            weight = self.weight(key)
-            destination[f"{prefix}embedding_bags.{key}.weight"] = weight if keep_vars else weight.detach()
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:
-        _load_table_rows(self, state_dict, prefix, strict, missing_keys, unexpected_keys)
-
-
-def _load_table_rows(
-    store: TableStore, state_dict: dict[str, Any], prefix: str, strict: bool, missing_keys: list[str],
-    unexpected_keys: list[str],
-) -> None:
-    """Copy each table's rows from ``state_dict`` (key ``<prefix>embedding_bags.<table>.weight``) into ``store``."""
-    known = set()
-    for key in store.keys:
-        name = f"{prefix}embedding_bags.{key}.weight"
-        known.add(name)
-        if name not in state_dict:
-            missing_keys.append(name)
-            continue
-        with torch.no_grad():
-            store.weight(key).copy_(state_dict[name])
-    if strict:  # the store has no other state: anything else under its prefix is unexpected
-        unexpected_keys.extend(name for name in state_dict if name.startswith(prefix) and name not in known)
-
-
-class FusedStore(TableStore):
+class FusedStore(PerTableState):
     """fbgemm's table-batched kernel over all its tables, the optimizer fused into backward."""
 
     kernel = "fused"
@@ -227,7 +225,7 @@ class FusedStore(TableStore):
             kind,
         )
         self._device = device
-        self._tbe = [self._make_kernel()]  # a list: the kernel is not a submodule (see _save_to_state_dict)
+        self._tbe = [self._make_kernel()]  # a list: the kernel is not a submodule (see PerTableState)
         self._offsets_cache: torch.Tensor | None = None
         with torch.no_grad():
             for target, spec in zip(self.kernel_module.split_embedding_weights(), specs, strict=True):
@@ -279,20 +277,6 @@ class FusedStore(TableStore):
         for states in self.kernel_module.split_optimizer_states():
             total += sum(state.numel() * state.element_size() for state in states)
         return total
-
-    # The kernel keeps all rows in one flat buffer (and its optimizer state beside it); the state dict shows
-    # each table's rows under its own key, as torchrec's fused collection does.
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key in self.keys:
-            weight = self.weight(key)
-            destination[f"{prefix}embedding_bags.{key}.weight"] = weight if keep_vars else weight.detach()
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:
-        _load_table_rows(self, state_dict, prefix, strict, missing_keys, unexpected_keys)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedStore:
         copy = self.__class__.__new__(self.__class__)
