@@ -9,9 +9,9 @@ writing each kind of plugin.
 from embbench.collection import FeatureEmbeddings, TableTraining
 from embbench.ctr import SPLITS, CTRData, CTRDataset, CTRFrame, hash_strings
 from embbench.data import Dataset, Split, download_archive, features_of, find_file, prepare_split, read_table
-from embbench.errors import BudgetTooSmall, ConfigError, DataNotFound, EmbbenchError, PluginError
+from embbench.errors import BudgetTooSmall, ConfigError, DataNotFound, Diverged, EmbbenchError, PluginError
 from embbench.hashing import MERSENNE_PRIME, HashFamily
-from embbench.metrics import RankingAccumulator, classification_metrics
+from embbench.metrics import RankingAccumulator, classification_metrics, require_finite_scores
 from embbench.models import CTRModel, RecModel
 from embbench.registry import (
     create_dataset,
@@ -96,11 +96,13 @@ __all__ = [
     "TrainResult",
     "TrainStep",
     "classification_metrics",
+    "require_finite_scores",
     "pool_batch",
     # errors: one-line user-facing errors (exit status 2 on the command line)
     "BudgetTooSmall",
     "ConfigError",
     "DataNotFound",
+    "Diverged",
     "EmbbenchError",
     "PluginError",
     # registry: find and create registered plugins of every kind

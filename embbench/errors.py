@@ -36,6 +36,22 @@ class PluginError(EmbbenchError):
     """A plugin is missing, broken, or provided twice."""
 
 
+class Diverged(RuntimeError):
+    """Training stopped giving numbers: the loss, the model's scores or a metric became NaN or infinite.
+
+    A cell that raises it is stored as failed, never as a result. ``epoch`` is where it happened (0: before
+    training), ``last_finite_loss`` the last finite training loss, ``history`` the epochs that finished.
+    """
+
+    def __init__(self, what: str, epoch: int = 0, last_finite_loss: float | None = None,
+                 history: list[dict[str, float]] | None = None) -> None:
+        self.what, self.epoch, self.last_finite_loss = what, epoch, last_finite_loss
+        self.history = list(history or [])
+        where = f" at epoch {epoch}" if epoch else ""
+        last = f"; last finite training loss {last_finite_loss:.6g}" if last_finite_loss is not None else ""
+        super().__init__(f"diverged: {what}{where}{last}")
+
+
 def closest(name: str, known: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest known name, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from embbench.errors import Diverged
+
 
 def metric_keys(k: int) -> tuple[str, str, str]:
     """The keys rank_metrics returns for cut-off ``k``: ("auc", "hr@k", "ndcg@k")."""
@@ -112,6 +114,25 @@ class RankingAccumulator:
         """Mean of each metric over all users added where it is defined; NaN if none."""
         return {name: self._totals[name] / self._counts[name] if self._counts[name] else math.nan
                 for name in self.keys}
+
+
+def require_finite_scores(scores: torch.Tensor, where: str) -> None:
+    """Raise :class:`~embbench.errors.Diverged` if any of a model's ``scores`` is NaN or infinite.
+
+    Metrics of such scores would be numbers (a NaN ranks last) that measure nothing; tasks call this on every
+    batch of scores they evaluate, before any metric."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise Diverged(f"{bad:,} of {scores.numel():,} model scores on the {where} split are NaN or infinite")
+
+
+def require_finite_metrics(metrics: dict[str, float], where: str) -> dict[str, float]:
+    """``metrics`` as they are, or :class:`~embbench.errors.Diverged` naming the first NaN or infinite one."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise Diverged(f"{where} {name} is {value}")
+    return metrics
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ improved for ``patience`` epochs, and tests the best epoch's weights.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from embbench.errors import Diverged
+from embbench.metrics import require_finite_metrics
 from embbench.optimizers import Optimizers, make_optimizers
 
 #: an epoch's training rows: the model's input tensors (row-aligned) and the 0/1 labels
@@ -138,13 +141,25 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``step`` on the rows ``epoch_rows`` gives each epoch, in shuffled mini-batches
-    (``model(*inputs)`` gives logits); early-stop on ``evaluate_split("validation")``; test the best epoch."""
+    (``model(*inputs)`` gives logits); early-stop on ``evaluate_split("validation")``; test the best epoch.
+
+    Raises :class:`~embbench.errors.Diverged` as soon as a batch's loss, or a metric, is NaN or infinite (and
+    passes on the one an evaluation raises for non-finite scores), with the epoch and the last finite loss:
+    a diverged run gives no result."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sign = -1.0 if config.early_stopping in LOWER_IS_BETTER else 1.0
     embeddings = model.embedding_modules().values() if hasattr(model, "embedding_modules") else ()
     result = TrainResult()
     best_score, best_state, stale = -np.inf, None, 0
+    last_loss: float | None = None
+
+    def evaluated(split: str, epoch: int) -> dict[str, float]:
+        try:
+            return require_finite_metrics(evaluate_split(split), split)
+        except Diverged as exc:  # from the scores or the metrics: add where training stood
+            raise Diverged(exc.what, epoch, last_loss, result.history) from None
+
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -154,7 +169,11 @@ def fit(
         for batch in order.split(config.batch_size):
             if len(batch) == 1 and len(order) > 1:  # a lone last row: BatchNorm cannot train on one row
                 continue
-            total_loss += step(tuple(tensor[batch] for tensor in inputs), labels[batch])
+            loss = step(tuple(tensor[batch] for tensor in inputs), labels[batch])
+            if not math.isfinite(loss):
+                raise Diverged(f"the training loss of batch {batches + 1} is {loss}", epoch, last_loss, result.history)
+            last_loss = loss
+            total_loss += loss
             batches += 1
         for embedding in embeddings:
             hook = getattr(embedding, "on_epoch_end", None)
@@ -164,7 +183,7 @@ def fit(
         result.train_seconds += train_seconds
         result.train_examples += len(labels)
         started = time.perf_counter()
-        validation = evaluate_split("validation")
+        validation = evaluated("validation", epoch)
         result.eval_seconds += time.perf_counter() - started
         record = {
             "epoch": epoch,
@@ -187,6 +206,6 @@ def fit(
     if best_state is not None:
         step.restore(best_state)
     started = time.perf_counter()
-    result.test = evaluate_split("test")
+    result.test = evaluated("test", result.best_epoch)
     result.eval_seconds += time.perf_counter() - started
     return result

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from embbench.collection import FeatureEmbeddings
+from embbench.errors import Diverged
 from embbench.measure.environment import device_name, environment, git_commit, host
 from embbench.measure.latency import embedding_latency_ms, measure_cell_latency
 from embbench.measure.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
 from embbench.measure.quantization import QuantizationUnavailable, quantize_model, quantized_feature_bytes
+from embbench.metrics import require_finite_metrics
 from embbench.optimizers import optimizer_memory
 from embbench.run.cells import Cell
 from embbench.run.record import SHARED_FIELDS
@@ -179,6 +181,9 @@ def _train(
             record.update(table_optimizer_bytes=memory.table_bytes, dense_optimizer_bytes=memory.dense_bytes)
         if run.latency_batch_sizes and is_main:  # other ranks' records are not stored
             record.update(_latency_record(model, task, data, device, run.latency_batch_sizes))
+    except Diverged as exc:  # not a result: failed, with where it diverged and the finished epochs
+        record.update(status="failed", error=str(exc), history_json=exc.history, epochs_run=len(exc.history))
+        model = None
     except Exception:  # one failing run must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
         model = None
@@ -228,8 +233,10 @@ def _quantized_record(
         }
         record["size_bytes"] = sum(sizes.values())
         evaluated = time.perf_counter()
-        test = task.evaluate(quantized, data, "test", device, run.training)
-        validation = task.evaluate(quantized, data, "validation", device, run.training)
+        test = require_finite_metrics(task.evaluate(quantized, data, "test", device, run.training), "test")
+        validation = require_finite_metrics(
+            task.evaluate(quantized, data, "validation", device, run.training), "validation"
+        )
         record.update(
             status="ok",
             **metric_record("test", test),
@@ -240,6 +247,8 @@ def _quantized_record(
             record.update(_latency_record(quantized, task, data, device, run.latency_batch_sizes))
     except QuantizationUnavailable as exc:  # a property of the scheme or the installation: not run again
         record.update(status="skipped", error=str(exc), size_bytes=None)
+    except Diverged as exc:  # the quantised model's scores or metrics are not numbers: no result
+        record.update(status="failed", error=f"{exc} ({cell.precision} model)")
     except Exception:  # one failing precision must not stop the sweep; its traceback is kept
         record.update(status="failed", error=traceback.format_exc())
     record.update(wall_seconds=time.perf_counter() - started, finished_at=now())

@@ -11,6 +11,7 @@ key is stored as ok or skipped; failed cells are run again and their row replace
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,21 @@ from embbench.run.record import COLUMNS, JSON_COLUMNS
 
 DEFAULT_DB = Path("results") / "embbench.sqlite"
 SCHEMA_VERSION = 1
+
+
+def _json(value: Any) -> str:
+    """Strict JSON of a column's value: a NaN or infinity (which JSON has no word for) is stored as null."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(inner) for inner in item]
+        return item
+
+    return json.dumps(finite(value), default=str, allow_nan=False)
 
 
 class ResultStore:
@@ -79,7 +95,7 @@ class ResultStore:
         unknown = set(record) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns: {sorted(unknown)}")
-        row = {k: (json.dumps(v, default=str) if k in JSON_COLUMNS and v is not None else v) for k, v in record.items()}
+        row = {k: (_json(v) if k in JSON_COLUMNS and v is not None else v) for k, v in record.items()}
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self._connect(create=True) as connection, connection:

@@ -32,6 +32,7 @@ from embbench import (
     TaskData,
     TrainConfig,
     classification_metrics,
+    require_finite_scores,
 )
 
 POSITIVE_AT_LEAST = 4.0
@@ -69,6 +70,7 @@ class _Classification(Task):
             for start in range(0, len(rows.labels), _EVAL_BATCH_ROWS)
         ])
         model.train(was_training)
+        require_finite_scores(logits, which)
         return classification_metrics(logits, rows.labels)
 
     def model_batch(self, data: TaskData, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:

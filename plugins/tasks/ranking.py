@@ -27,6 +27,7 @@ from embbench import (
     features_of,
     pool_batch,
     prepare_split,
+    require_finite_scores,
 )
 
 
@@ -89,6 +90,7 @@ def evaluate_ranking(
         stop = min(start + batch_users, len(index.users))
         user_vectors = model.user_embedding(index.users[start:stop].to(device))
         scores = model.interact_all(user_vectors, item_vectors).float().cpu()
+        require_finite_scores(scores, which)
         positive = torch.as_tensor(index.held_out[which][start:stop])
         accumulator.add(scores, positive, index.excluded_mask(which, start, stop))
     model.train(was_training)
