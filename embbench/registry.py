@@ -11,8 +11,12 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import inspect
+import math
 import re
 import traceback
+import types
+import typing
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -197,25 +201,98 @@ def provenance(kind: str, name: str) -> dict[str, str]:
     return {"distribution": info.distribution, "version": info.version}
 
 
-def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") -> None:
-    """Reject keyword arguments that the plugin's constructor does not take, naming the closest one."""
+_SEQUENCES = (Sequence, MutableSequence, Iterable)
+_MAPPINGS = (Mapping,)
+
+#: constructor arguments embbench passes itself, per kind: never a parameter in a suite
+RESERVED_PARAMETERS = {"datasets": ("data_dir",)}
+
+
+def check_params(kind: str, name: str, params: dict[str, Any], where: str = "", from_suite: bool = True) -> None:
+    """Reject keyword arguments that the plugin's constructor does not take (naming the closest one), that
+    embbench sets itself (when ``from_suite``), or whose value does not have the type the constructor's
+    annotation declares (an ``int`` parameter takes integers only, not ``1.5`` or ``True``; a ``float`` only
+    finite numbers)."""
     cls = get_plugin(kind, name)
     signature = inspect.signature(cls.__init__)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     known = [p for p in signature.parameters if p != "self"]
-    for key in params:
+    location = f"{where}: " if where else ""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: the constructor checks its own values
+        hints = {}
+    for key, value in params.items():
+        if from_suite and key in RESERVED_PARAMETERS.get(kind, ()):
+            raise ConfigError(
+                f"{location}'{key}' is set by embbench (--data-dir), not a parameter of {kind[:-1]} '{name}'"
+            )
         if key not in known and not accepts_any:
-            location = f"{where}: " if where else ""
             allowed = ", ".join(known) or "none"
             raise ConfigError(
                 f"{location}unknown parameter '{key}' for {kind[:-1]} '{name}'{closest(key, known)}; "
                 f"allowed: {allowed}"
             )
+        if key in hints and not conforms(value, hints[key]):
+            raise ConfigError(
+                f"{location}parameter '{key}' of {kind[:-1]} '{name}' must be {type_name(hints[key])}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether a suite value fits a constructor annotation (hints it cannot judge are taken as met)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    container = origin or hint
+    if container in (list, tuple, set, frozenset) or container in _SEQUENCES:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(conforms(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(conforms(item, args[0]) for item in value)
+    if container in (dict,) or container in _MAPPINGS:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """An annotation in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    words = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+             type(None): "none"}
+    if hint in words:
+        return words[hint]
+    if origin is not None and args:
+        return f"a list of {type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" if (
+            origin in (list, tuple, set, frozenset) or origin in _SEQUENCES) else str(hint)
+    return getattr(hint, "__name__", str(hint))
 
 
 def create(kind: str, name: str, where: str = "", **params: Any) -> Any:
     """Instantiate plugin ``name`` with validated keyword arguments; a scheme is given its registered name."""
-    check_params(kind, name, params, where)
+    check_params(kind, name, params, where, from_suite=False)
     cls = get_plugin(kind, name)
     try:
         instance = cls(**params)

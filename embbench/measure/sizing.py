@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 
 from embbench import registry
+from embbench.errors import ConfigError
 from embbench.measure.collisions import MAX_EXACT_IDS, collision_stats, estimated_collisions, has_index_tuples
-from embbench.run.resolve import plan_features
-from embbench.schemes import Budget, FeatureSpec, build_planned, full_table_bytes
+from embbench.measure.environment import available_memory_bytes
+from embbench.run.resolve import MEMORY_HEADROOM, plan_features
+from embbench.schemes import ID_BYTES, Budget, FeatureSpec, build_planned, full_table_bytes
 
 #: the largest module ``size_report`` builds to count collisions
 MAX_BUILD_BYTES = 2 * 10**9
@@ -36,6 +38,13 @@ def size_report(
     ``collisions`` or for a scheme without index tuples.
     """
     instance = registry.create("schemes", scheme, where="--param", **(params or {}))
+    available = available_memory_bytes()
+    if available is not None and vocab * ID_BYTES > MEMORY_HEADROOM * available:
+        fits = int(MEMORY_HEADROOM * available) // ID_BYTES
+        raise ConfigError(
+            f"--vocab {vocab:,}: sizing lists every ID (8 bytes each, {vocab * ID_BYTES:,} bytes), more than "
+            f"{MEMORY_HEADROOM:.0%} of the {available:,} bytes this machine has available; use at most {fits:,} IDs"
+        )
     feature = FeatureSpec.from_vocabulary("feature", vocab, dim)
     plan = plan_features(instance, {"feature": feature}, Budget.parse(budget))["feature"]
     budget_bytes = plan.budget_bytes

@@ -23,7 +23,7 @@ from embbench.errors import ConfigError, EmbbenchError
 from embbench.measure.environment import available_memory_bytes
 from embbench.models import RESERVED_ARGUMENTS
 from embbench.run.execute import execute
-from embbench.run.resolve import Run, resolve_runs
+from embbench.run.resolve import MEMORY_HEADROOM, Run, resolve_runs
 from embbench.run.store import DEFAULT_DB, ResultStore
 from embbench.run.suites import Entry, Suite, find_suite, parse_suite
 from embbench.tasks import Task, TaskData
@@ -60,6 +60,10 @@ def load_suite(name_or_path: str | Path, quick: bool = False) -> Suite:
     return parse_suite(find_suite(name_or_path), quick=quick)
 
 
+#: fp32 copies of every dense parameter while training with Adam: weights, gradients, two moments
+DENSE_TRAINING_COPIES = 4
+
+
 def _check_model_entry(entry: Entry, task: Task, dim: int) -> None:
     reserved = set(entry.params) & set(RESERVED_ARGUMENTS)
     if reserved:
@@ -71,10 +75,25 @@ def _check_model_entry(entry: Entry, task: Task, dim: int) -> None:
             f"'{type(task).__name__}' trains; see `embbench list models`"
         )
     registry.check_params("models", entry.name, entry.params, entry.where)
-    try:
-        task.probe_model(model_class, dim, dict(entry.params))
+    try:  # built on the meta device: parameters are checked and counted, nothing is allocated
+        with torch.device("meta"):
+            probe = task.probe_model(model_class, dim, dict(entry.params))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{entry.where}: {exc}") from None
+    except Exception:  # a model whose constructor needs real tensors: built for real
+        try:
+            probe = task.probe_model(model_class, dim, dict(entry.params))
+        except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+            raise ConfigError(f"{entry.where}: model '{entry.name}' cannot be built: {exc}") from None
+    dense = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    available = available_memory_bytes()
+    training = DENSE_TRAINING_COPIES * dense  # weights, gradients and Adam's two moments
+    if available is not None and training > MEMORY_HEADROOM * available:
+        raise ConfigError(
+            f"{entry.where}: model '{entry.name}' has {dense:,} bytes of dense parameters, about {training:,} "
+            f"while training with Adam, more than {MEMORY_HEADROOM:.0%} of the {available:,} bytes this machine "
+            "has available; use smaller layers"
+        )
 
 
 def _provenance(suite: Suite) -> dict[str, Any]:

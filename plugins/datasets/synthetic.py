@@ -27,6 +27,8 @@ _USER_ID_OFFSET = np.uint64(0x1B873593_0000_0001)
 _ITEM_ID_MULTIPLIER = np.uint64(0x1F83D9ABFB41BD6B)
 _ITEM_ID_OFFSET = np.uint64(0x0CC9E2D5_1E35_A7BD)
 _MAX_ITEMS = 1 << 62
+#: rows of interactions a dataset may generate: each costs about 50 bytes while it is split and indexed
+_MAX_INTERACTIONS = 200_000_000
 _CANDIDATES_PER_INTERACTION = 4
 _CELLS_PER_CHUNK = 1 << 21  # user x candidate x latent cells scored at once
 
@@ -138,6 +140,11 @@ class Synthetic(Dataset):
         _check_int("latent_dim", latent_dim, 1, 128)
         _check_float("affinity", affinity, 0.0, 100.0)
         _check_int("seed", seed, 0, 2**63 - 1)
+        if num_users * interactions_per_user > _MAX_INTERACTIONS:
+            raise ValueError(
+                f"num_users x interactions_per_user is {num_users * interactions_per_user:,} interactions; at most "
+                f"{_MAX_INTERACTIONS:,} are generated (about 10 GB in memory); use fewer users or interactions"
+            )
         params = {
             "num_users": int(num_users),
             "num_items": int(num_items),
