@@ -128,3 +128,17 @@ def test_a_diverging_cell_is_stored_failed_with_valid_json_and_runs_again(tmp_pa
     assert isinstance(json.loads(history, parse_constant=lambda word: pytest.fail(word)), list)
     again = run_suite(str(path), db=tmp_path / "r.sqlite", progress=False)
     assert again.failed == 1  # a failed cell is not finished: it runs again
+
+
+def test_a_failed_row_never_replaces_an_ok_one(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    labels = dict.fromkeys(("suite", "dataset", "model", "scheme", "scheme_label", "budget", "device"), "x")
+    base = {**labels, "cell_key": "k", "seed": 0, "config_json": {}}
+    store.write({**base, "status": "failed", "error": "first try"})
+    store.write({**base, "status": "ok", "test_auc": 0.75})
+    store.write({**base, "status": "failed", "error": "diverged: a rerun"})  # kept out: the ok row stays
+    rows = store.frame()
+    assert len(rows) == 1 and rows.iloc[0]["status"] == "ok" and rows.iloc[0]["test_auc"] == 0.75
+    store.write({**base, "status": "ok", "test_auc": 0.8})  # an ok row replaces an ok one, whole
+    row = store.frame().iloc[0]
+    assert row["test_auc"] == 0.8 and (row["error"] is None or row["error"] != row["error"])

@@ -91,15 +91,23 @@ class ResultStore:
             return {row[0] for row in rows}
 
     def write(self, record: dict[str, Any]) -> None:
-        """Store one cell atomically, replacing an earlier row with the same key."""
+        """Store one cell atomically, replacing an earlier row with the same key unless that row is ok and this
+        one is not."""
         unknown = set(record) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns: {sorted(unknown)}")
         row = {k: (_json(v) if k in JSON_COLUMNS and v is not None else v) for k, v in record.items()}
+        row = {name: row.get(name) for name in COLUMNS}  # a replaced row keeps nothing of the old one
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in row if name != "cell_key")
         with self._connect(create=True) as connection, connection:
-            connection.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({marks})", tuple(row.values()))
+            # A row that is not ok never replaces an ok one (a failed --rerun, a second runner's late failure).
+            connection.execute(
+                f"INSERT INTO cells ({names}) VALUES ({marks}) ON CONFLICT (cell_key) DO UPDATE SET {updates} "
+                "WHERE cells.status != 'ok' OR excluded.status = 'ok'",
+                tuple(row.values()),
+            )
 
     def frame(self, suite: str | None = None) -> pd.DataFrame:
         """All stored cells (optionally of one suite) as a DataFrame, oldest first."""
