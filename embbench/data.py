@@ -8,6 +8,7 @@ last interaction by time is the test item, the second-last the validation item, 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,8 +34,17 @@ from embbench.schemes import FeatureSpec
 _PROTOCOL_VERSION = "leave-last-out/v1"
 _COLUMNS = ("user", "item", "timestamp")
 _FRAMES = ("train", "validation", "test")
+_SCHEMA = {column: "int64" for column in _COLUMNS}  # of every cached frame
 _DOWNLOAD_TIMEOUT_SECONDS = 60
 _LINK_PLACEHOLDER_MAX_BYTES = 1024
+_CHUNK_BYTES = 1 << 20
+# Extraction bounds, far above what the official archives need (the largest, ml-25m.zip, is 262 MB of CSV
+# text, a handful of members): a zip bomb is refused before it fills the disk. Members under a MiB are too
+# small for their ratio to matter.
+_MAX_EXTRACTED_BYTES = 4 << 30
+_MAX_ARCHIVE_MEMBERS = 1_000
+_MAX_COMPRESSION_RATIO = 100
+_RATIO_EXEMPT_BYTES = 1 << 20
 
 _log = logging.getLogger(__name__)
 
@@ -124,11 +134,13 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "embbench"
 
 
-def _follow_link_placeholder(path: Path) -> Path:
+def _follow_link_placeholder(path: Path, data_dir: Path) -> Path:
     """The file a symlink placeholder names, else ``path`` itself.
 
     Where git cannot make symlinks (``core.symlinks=false``, some copies and file systems), it checks a
-    symlink out as a small text file holding the target path.
+    symlink out as a small text file holding the target path. The target must lie inside the data folder
+    (or the placeholder's own folder, should that folder be linked in from elsewhere): a placeholder never
+    redirects reads to an arbitrary file.
     """
     if path.is_symlink() or path.stat().st_size > _LINK_PLACEHOLDER_MAX_BYTES:
         return path
@@ -138,24 +150,34 @@ def _follow_link_placeholder(path: Path) -> Path:
         return path
     if not target or target != target.strip() or "\n" in target or "\0" in target:
         return path
-    resolved = path.parent / target
+    named = path.parent / target
     try:
-        return resolved if resolved.is_file() and resolved.resolve() != path.resolve() else path
+        if not named.is_file() or named.resolve() == path.resolve():
+            return path
+        real = named.resolve()
+        inside = real.is_relative_to(Path(data_dir).resolve()) or real.is_relative_to(path.parent.resolve())
     except (OSError, ValueError):
         return path
+    if not inside:
+        raise DataNotFound(
+            f"{path} is a link placeholder naming {real}, outside the data folder {data_dir}; "
+            f"replace it with the file itself or point it at a file inside {data_dir}"
+        )
+    return named
 
 
 def find_file(data_dir: Path, folders: Sequence[str], names: Sequence[str]) -> Path | None:
     """The first existing ``data_dir/folder/name`` or ``data_dir/folder/name.gz``, folders in order.
 
-    A symlink checked out by git as a text placeholder (see ``_follow_link_placeholder``) is followed.
+    A symlink checked out by git as a text placeholder (see ``_follow_link_placeholder``) is followed when
+    it names a file inside the data folder.
     """
     for folder in folders:
         for name in names:
             for candidate in (name, name + ".gz"):
                 path = Path(data_dir) / folder / candidate
                 if path.is_file():
-                    return _follow_link_placeholder(path)
+                    return _follow_link_placeholder(path, Path(data_dir))
     return None
 
 
@@ -183,19 +205,77 @@ def _merge_into(source: Path, target: Path) -> None:
             _merge_into(entry, destination)
 
 
-def download_archive(url: str, dest: Path, what: str) -> Path:
-    """Download the zip at ``url`` and extract it into ``dest``; DataNotFound in one line when that fails.
+class _ArchiveRejected(Exception):
+    """A downloaded archive is not the recorded one, or unpacking it would exceed the extraction bounds."""
 
-    Setting ``$EMBBENCH_OFFLINE`` (to anything but 0) refuses every download. Extraction happens in a
-    temporary folder first, so an interrupted download never leaves half a file where readers look.
+
+def _fetch_verified(url: str, archive: Path, size_bytes: int, sha256: str) -> None:
+    """Download ``url`` to ``archive``, reading at most one byte more than expected, and check size and sha256."""
+    digest = hashlib.sha256()
+    received = 0
+    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_SECONDS) as response, open(archive, "wb") as out:
+        while received <= size_bytes and (chunk := response.read(min(_CHUNK_BYTES, size_bytes + 1 - received))):
+            received += len(chunk)
+            digest.update(chunk)
+            out.write(chunk)
+    if received > size_bytes:
+        raise _ArchiveRejected(f"expected {size_bytes:,} bytes, got more")
+    got = digest.hexdigest()
+    if received != size_bytes or got != sha256.lower():
+        raise _ArchiveRejected(
+            f"expected {size_bytes:,} bytes with sha256 {sha256.lower()}, got {received:,} bytes with sha256 {got}"
+        )
+
+
+def _member_path(root: Path, name: str) -> Path:
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_relative_to(root) or path == root:
+        raise _ArchiveRejected(f"member {name!r} would be written outside the target folder")
+    return path
+
+
+def _extract_bounded(archive: Path, target: Path) -> None:
+    """Unpack ``archive`` into ``target``, refusing archives beyond the member, size and ratio bounds."""
+    with zipfile.ZipFile(archive) as bundle:
+        members = bundle.infolist()
+        if len(members) > _MAX_ARCHIVE_MEMBERS:
+            raise _ArchiveRejected(f"it has {len(members):,} members, more than {_MAX_ARCHIVE_MEMBERS:,}")
+        declared = sum(member.file_size for member in members)
+        if declared > _MAX_EXTRACTED_BYTES:
+            raise _ArchiveRejected(f"it unpacks to {declared:,} bytes, more than {_MAX_EXTRACTED_BYTES:,}")
+        for member in members:
+            ratio = member.file_size / max(member.compress_size, 1)
+            if member.file_size > _RATIO_EXEMPT_BYTES and ratio > _MAX_COMPRESSION_RATIO:
+                raise _ArchiveRejected(
+                    f"member {member.filename!r} inflates {ratio:,.0f}-fold, more than {_MAX_COMPRESSION_RATIO}"
+                )
+        root = target.resolve()
+        paths = [_member_path(root, member.filename) for member in members]
+        for member, path in zip(members, paths, strict=True):
+            if member.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # zipfile yields at most a member's declared size (and checks its CRC), so the declared total
+            # checked above bounds what is written.
+            with bundle.open(member) as source, open(path, "xb") as out:
+                shutil.copyfileobj(source, out, _CHUNK_BYTES)
+
+
+def download_archive(url: str, dest: Path, what: str, *, size_bytes: int, sha256: str) -> Path:
+    """Download the zip at ``url``, verify its size and SHA-256, and extract it into ``dest``.
+
+    Every failure is one ``DataNotFound`` line. The archive is checked against ``size_bytes`` and ``sha256``
+    (those of the official file) before anything is extracted, and extraction is bounded (members, total
+    size, compression ratio, paths inside ``dest``). Setting ``$EMBBENCH_OFFLINE`` (to anything but 0)
+    refuses every download. Extraction happens in a temporary folder first, so an interrupted download never
+    leaves half a file where readers look.
     """
     dest = Path(dest)
+    by_hand = f"download it by hand and put the files in {dest}/ (see docs/datasets.md)"
 
     def failure(reason: object) -> DataNotFound:
-        return DataNotFound(
-            f"could not download {what} from {url} ({_one_line(reason)}); "
-            f"put the files in {dest}/ (see docs/datasets.md)"
-        )
+        return DataNotFound(f"could not download {what} from {url} ({_one_line(reason)}); {by_hand}")
 
     if os.environ.get("EMBBENCH_OFFLINE", "0") not in ("", "0"):
         raise failure("downloads are disabled by EMBBENCH_OFFLINE")
@@ -203,14 +283,15 @@ def download_archive(url: str, dest: Path, what: str) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as scratch:
             archive = Path(scratch) / "archive.zip"
-            _log.info("downloading %s from %s", what, url)
-            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_SECONDS) as response:
-                with open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out, length=1 << 20)
             extracted = Path(scratch) / "extracted"
-            with zipfile.ZipFile(archive) as bundle:
-                bundle.extractall(extracted)  # zipfile drops absolute paths and '..' from member names
+            _log.info("downloading %s from %s", what, url)
+            _fetch_verified(url, archive, size_bytes, sha256)
+            _extract_bounded(archive, extracted)
             _merge_into(extracted, dest)
+    except _ArchiveRejected as exc:
+        raise DataNotFound(
+            f"refused the archive of {what} from {url}: {_one_line(exc)}; nothing was extracted; {by_hand}"
+        ) from None
     except urllib.error.HTTPError as exc:
         raise failure(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
@@ -270,28 +351,86 @@ def _split_of(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame,
     return Split(train, validation, test, users, items, key)
 
 
+class _CacheInvalid(Exception):
+    """A cached split does not match the checksums or the schema its meta.json records."""
+
+
+def _frame_schema(frame: pd.DataFrame) -> dict[str, str]:
+    return {str(column): str(dtype) for column, dtype in frame.dtypes.items()}
+
+
+def _describe(schema: object) -> str:
+    if not isinstance(schema, dict):
+        return repr(schema)
+    return ", ".join(f"{column} {dtype}" for column, dtype in schema.items()) or "no columns"
+
+
+def _cached_frames(folder: Path) -> list[pd.DataFrame]:
+    """The cached frames, each checked against the sha256 and schema its meta.json records.
+
+    Raises ``_CacheInvalid`` naming what did not match.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        checksums, schemas = dict(meta["sha256"]), dict(meta["schema"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise _CacheInvalid(f"meta.json records no checksums and schema ({_one_line(exc)})") from None
+    frames = []
+    for name in _FRAMES:
+        file = f"{name}.parquet"
+        if schemas.get(name) != _SCHEMA:
+            raise _CacheInvalid(f"meta.json records {name} as {_describe(schemas.get(name))}, not {_describe(_SCHEMA)}")
+        try:
+            content = (folder / file).read_bytes()
+        except OSError as exc:
+            raise _CacheInvalid(f"{file} is unreadable ({_one_line(exc)})") from None
+        if hashlib.sha256(content).hexdigest() != checksums.get(file):
+            raise _CacheInvalid(f"the sha256 of {file} is not the one meta.json records")
+        try:
+            frame = pd.read_parquet(io.BytesIO(content))
+        except (OSError, ValueError) as exc:
+            raise _CacheInvalid(f"{file} is unreadable ({_one_line(exc)})") from None
+        if _frame_schema(frame) != _SCHEMA:
+            raise _CacheInvalid(f"{file} holds {_describe(_frame_schema(frame))}, not {_describe(_SCHEMA)}")
+        frames.append(frame)
+    return frames
+
+
 def _read_cached(folder: Path, key: str) -> Split | None:
+    """The cached split, or None (with a one-line warning when a cache is there but invalid)."""
     if not folder.is_dir():
         return None
     try:
-        frames = [pd.read_parquet(folder / f"{name}.parquet") for name in _FRAMES]
-    except (OSError, ValueError) as exc:  # unreadable: rebuild it
-        warnings.warn(f"ignoring unreadable split cache {folder} ({_one_line(exc)})", stacklevel=3)
-        shutil.rmtree(folder, ignore_errors=True)
+        frames = _cached_frames(folder)
+    except _CacheInvalid as exc:
+        warnings.warn(f"rebuilding the split cache {folder}: {exc}", stacklevel=3)
         return None
     return _split_of(*frames, key)
 
 
 def _write_cache(folder: Path, frames: Sequence[pd.DataFrame], meta: dict[str, Any]) -> None:
-    """Write into a temporary folder, then rename it: a killed process never leaves half a cache."""
+    """Write into a temporary folder, then rename it into place: a reader sees a whole cache or none.
+
+    The meta.json records each parquet file's sha256 and each frame's schema, so a changed file is noticed.
+    An invalid cache already at ``folder`` is moved aside, then replaced.
+    """
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
+            checksums, schemas = {}, {}
             for name, frame in zip(_FRAMES, frames, strict=True):
-                frame.to_parquet(scratch / f"{name}.parquet", index=False)
+                path = scratch / f"{name}.parquet"
+                frame.to_parquet(path, index=False)
+                checksums[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+                schemas[name] = _frame_schema(frame)
+            meta = {**meta, "sha256": checksums, "schema": schemas}
             (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            stale = scratch.with_name(scratch.name + ".stale")
+            if folder.is_dir():
+                os.rename(folder, stale)
             os.rename(scratch, folder)
+            shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             shutil.rmtree(scratch, ignore_errors=True)
             if not folder.is_dir():  # not merely another process winning the rename
@@ -307,7 +446,8 @@ def prepare_split(dataset: Dataset, min_interactions: int = 3, use_cache: bool =
     interaction; users with fewer than ``min_interactions`` distinct items are dropped. Per user, sorted by
     timestamp (ties keep file order), the last interaction is the test item and the second-last the
     validation item. Cached as parquet under ``cache_dir()/splits/<key>/``, keyed by the dataset's
-    fingerprint, the protocol version and ``min_interactions``.
+    fingerprint, the protocol version and ``min_interactions``; a cache whose files do not match the
+    checksums and schema its meta.json records is rebuilt, with a warning.
     """
     if isinstance(min_interactions, bool) or not isinstance(min_interactions, int) or min_interactions < 3:
         raise ConfigError(

@@ -204,7 +204,7 @@ def test_an_unreadable_cache_is_rebuilt(isolated_cache):
     dataset = FrameDataset(SMALL)
     key = prepare_split(dataset).fingerprint
     (isolated_cache / "splits" / key / "train.parquet").write_bytes(b"not parquet")
-    with pytest.warns(UserWarning, match="unreadable split cache"):
+    with pytest.warns(UserWarning, match="rebuilding the split cache"):
         split = prepare_split(dataset)
     assert dataset.loads == 2 and len(split.train) == 5
     assert prepare_split(dataset).summary() == split.summary() and dataset.loads == 2
@@ -279,7 +279,7 @@ def test_download_failure_is_one_line_naming_the_destination(tmp_path):
     dest = tmp_path / "data"
     url = "http://127.0.0.1:9/x.zip"
     with pytest.raises(DataNotFound) as caught:
-        download_archive(url, dest, "Test data")
+        download_archive(url, dest, "Test data", size_bytes=1, sha256="0" * 64)
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"could not download Test data from {url} (")
@@ -289,7 +289,7 @@ def test_download_failure_is_one_line_naming_the_destination(tmp_path):
 def test_embbench_offline_refuses_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBBENCH_OFFLINE", "1")
     with pytest.raises(DataNotFound, match="EMBBENCH_OFFLINE"):
-        download_archive("https://example.invalid/x.zip", tmp_path, "Test data")
+        download_archive("https://example.invalid/x.zip", tmp_path, "Test data", size_bytes=1, sha256="0" * 64)
 
 
 def test_download_extracts_the_archive_into_dest(tmp_path):
@@ -301,7 +301,8 @@ def test_download_extracts_the_archive_into_dest(tmp_path):
     dest = tmp_path / "data"
     (dest / "ml-test").mkdir(parents=True)
     (dest / "ml-test" / "mine.txt").write_text("kept")
-    assert download_archive(archive.as_uri(), dest, "Test data") == dest
+    size, sha256 = len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest()
+    assert download_archive(archive.as_uri(), dest, "Test data", size_bytes=size, sha256=sha256) == dest
     assert (dest / "ml-test" / "ratings.dat").read_text() == "1::2::3::4\n"
     assert (dest / "ml-test" / "mine.txt").read_text() == "kept"
     assert sorted(p.name for p in dest.iterdir()) == ["ml-test"]
@@ -311,6 +312,8 @@ def test_download_of_something_not_a_zip_is_one_line(tmp_path):
     not_zip = tmp_path / "x.zip"
     not_zip.write_text("hello")
     with pytest.raises(DataNotFound, match="not a zip archive") as caught:
-        download_archive(not_zip.as_uri(), tmp_path / "data", "Test data")
+        download_archive(
+            not_zip.as_uri(), tmp_path / "data", "Test data", size_bytes=5, sha256=hashlib.sha256(b"hello").hexdigest()
+        )
     assert "\n" not in str(caught.value)
     assert not any(Path(tmp_path / "data").iterdir())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from embbench_plugins.datasets.movielens import MovieLens1M, MovieLens100K, MovieLensLatest
+from embbench_plugins.datasets.movielens import MovieLens1M, MovieLens100K, MovieLensLatest, OfficialArchive
 from embbench_plugins.datasets.synthetic import Synthetic, ZipfLaw
 from files import write
 
@@ -125,32 +125,67 @@ def test_missing_files_offline_are_one_line_saying_where_to_put_them(tmp_path, m
 
 def test_missing_files_with_an_unreachable_server_are_one_line(tmp_path):
     dataset = MovieLens100K(data_dir=tmp_path)
-    dataset.archive_url = "http://127.0.0.1:9/ml-100k.zip"
+    dataset.archive = OfficialArchive("http://127.0.0.1:9/ml-100k.zip", 1, "0" * 64)
     with pytest.raises(DataNotFound) as caught:
         dataset.load()
     assert "\n" not in str(caught.value) and str(tmp_path) in str(caught.value)
     assert "u.data" in str(caught.value) and "ml-100k/" in str(caught.value)
 
 
-def zip_with(tmp_path: Path, member: str, text: str) -> str:
+def zip_with(tmp_path: Path, member: str, text: str) -> OfficialArchive:
+    """A local archive holding ``member``, with its true size and sha256."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as bundle:
         bundle.writestr(member, text)
     archive = tmp_path / "archive.zip"
     archive.write_bytes(buffer.getvalue())
-    return archive.as_uri()
+    return OfficialArchive(archive.as_uri(), len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest())
 
 
 def test_missing_files_are_downloaded_from_the_archive(tmp_path):
     dataset = MovieLens1M(data_dir=tmp_path / "data")
-    dataset.archive_url = zip_with(tmp_path, "ml-1m/ratings.dat", ML1M)
+    dataset.archive = zip_with(tmp_path, "ml-1m/ratings.dat", ML1M)
     assert_interactions(dataset.load())
     assert (tmp_path / "data" / "ml-1m" / "ratings.dat").read_text() == ML1M
 
 
+def test_a_download_that_is_not_the_recorded_archive_is_refused(tmp_path):
+    dataset = MovieLens1M(data_dir=tmp_path / "data")
+    genuine = zip_with(tmp_path, "ml-1m/ratings.dat", ML1M)
+    dataset.archive = OfficialArchive(genuine.url, genuine.size_bytes, "0" * 64)
+    with pytest.raises(DataNotFound, match="refused the archive of MovieLens 1M") as caught:
+        dataset.load()
+    assert "\n" not in str(caught.value) and genuine.url in str(caught.value)
+    assert not (tmp_path / "data" / "ml-1m").exists()
+
+
+@pytest.mark.parametrize(("dataset", "params"), [
+    (MovieLens100K, {}), (MovieLens1M, {}),
+    *[(MovieLensLatest, {"variant": v}) for v in MovieLensLatest.variants if v != "latest"],
+])
+def test_every_downloadable_movielens_records_its_official_archive(tmp_path, dataset, params):
+    instance = dataset(data_dir=tmp_path, **params)
+    archive = instance.archive
+    assert archive.url == f"https://files.grouplens.org/datasets/movielens/{instance.folders[1]}.zip"
+    assert archive.size_bytes > 0 and len(archive.sha256) == 64 and set(archive.sha256) <= set("0123456789abcdef")
+
+
+def test_ml_latest_is_never_downloaded_unverified(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("ml-latest must not be downloaded")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    dataset = MovieLensLatest(data_dir=tmp_path, variant="latest")
+    assert dataset.archive is None
+    with pytest.raises(DataNotFound, match="no checksum of it can be recorded") as caught:
+        dataset.load()
+    message = str(caught.value)
+    assert "\n" not in message and f"unzip it into {tmp_path}/" in message and "ml-latest.zip" in message
+
+
 def test_an_archive_without_the_ratings_file_is_one_line(tmp_path):
     dataset = MovieLens1M(data_dir=tmp_path / "data")
-    dataset.archive_url = zip_with(tmp_path, "ml-1m/README", "no ratings")
+    dataset.archive = zip_with(tmp_path, "ml-1m/README", "no ratings")
     with pytest.raises(DataNotFound, match="holds no ml-1m/ratings.dat") as caught:
         dataset.load()
     assert "\n" not in str(caught.value)

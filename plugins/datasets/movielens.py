@@ -2,13 +2,14 @@
 
 Every rating counts as an implicit positive interaction. Files are found under the data folder in a folder
 named like ``movielens-1m/`` or the official ``ml-1m/``, plain or gzip-compressed; when they are missing,
-the official zip is downloaded into the data folder.
+the official zip is downloaded into the data folder and checked against its recorded size and SHA-256.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,37 @@ from embbench import DataNotFound, Dataset, download_archive, find_file, read_ta
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 _HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class OfficialArchive:
+    """A GroupLens zip and the size and SHA-256 a download must have before it is extracted."""
+
+    url: str
+    size_bytes: int
+    sha256: str
+
+
+# Sizes and SHA-256 as TensorFlow Datasets records them (tensorflow_datasets/url_checksums/movielens.txt).
+# ml-latest.zip is absent: GroupLens replaces it in place, so no checksum of it stays true; it is not downloaded.
+ARCHIVES: dict[str, OfficialArchive] = {
+    "ml-100k": OfficialArchive(
+        f"{_GROUPLENS}/ml-100k.zip", 4_924_029, "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
+    ),
+    "ml-1m": OfficialArchive(
+        f"{_GROUPLENS}/ml-1m.zip", 5_917_549, "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"
+    ),
+    "ml-latest-small": OfficialArchive(
+        f"{_GROUPLENS}/ml-latest-small.zip", 978_202,
+        "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
+    ),
+    "ml-20m": OfficialArchive(
+        f"{_GROUPLENS}/ml-20m.zip", 198_702_078, "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3"
+    ),
+    "ml-25m": OfficialArchive(
+        f"{_GROUPLENS}/ml-25m.zip", 261_978_986, "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa"
+    ),
+}
 
 
 def _content_sha256(path: Path) -> str:
@@ -32,7 +64,11 @@ def _content_sha256(path: Path) -> str:
 
 
 class _MovieLensFiles(Dataset):
-    """One ratings file found in ``folders`` of the data folder, downloaded from ``archive_url`` if absent."""
+    """One ratings file found in ``folders`` of the data folder, downloaded from ``archive`` if absent.
+
+    ``folders`` is (ours, official); the official folder name keys :data:`ARCHIVES`. Without a recorded
+    archive nothing is downloaded.
+    """
 
     ratings_file: ClassVar[str]
 
@@ -42,13 +78,12 @@ class _MovieLensFiles(Dataset):
         *,
         title: str,
         folders: tuple[str, str],
-        archive_url: str,
         **params: str,
     ) -> None:
         super().__init__(data_dir, **params)
         self.title = title
         self.folders = folders
-        self.archive_url = archive_url
+        self.archive: OfficialArchive | None = ARCHIVES.get(folders[1])
         self._path: Path | None = None
         self._fingerprint: str | None = None
 
@@ -57,16 +92,28 @@ class _MovieLensFiles(Dataset):
         if self._path is None:
             path = find_file(self.data_dir, self.folders, [self.ratings_file])
             if path is None:
-                what = f"{self.title} ({self.ratings_file}, in {self.folders[0]}/ or {self.folders[1]}/)"
-                download_archive(self.archive_url, self.data_dir, what)
+                url = self._download()
                 path = find_file(self.data_dir, self.folders, [self.ratings_file])
             if path is None:
                 raise DataNotFound(
-                    f"{self.archive_url} holds no {self.folders[1]}/{self.ratings_file}; "
+                    f"{url} holds no {self.folders[1]}/{self.ratings_file}; "
                     f"put {self.ratings_file} in {self.data_dir / self.folders[0]}/ (see docs/datasets.md)"
                 )
             self._path = path
         return self._path
+
+    def _download(self) -> str:
+        """Download and extract the official archive, verified; returns its URL."""
+        what = f"{self.title} ({self.ratings_file}, in {self.folders[0]}/ or {self.folders[1]}/)"
+        if self.archive is None:
+            raise DataNotFound(
+                f"{what} is not in {self.data_dir}/ and is not downloaded (GroupLens replaces "
+                f"{_GROUPLENS}/{self.folders[1]}.zip in place, so no checksum of it can be recorded); "
+                f"download it by hand and unzip it into {self.data_dir}/ (see docs/datasets.md)"
+            )
+        archive = self.archive
+        download_archive(archive.url, self.data_dir, what, size_bytes=archive.size_bytes, sha256=archive.sha256)
+        return archive.url
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -121,7 +168,6 @@ class MovieLens100K(_MovieLensFiles):
     def __init__(self, data_dir: str | Path | None = None) -> None:
         super().__init__(
             data_dir, title="MovieLens 100K", folders=("movielens-100k", "ml-100k"),
-            archive_url=f"{_GROUPLENS}/ml-100k.zip",
         )
 
     def load(self) -> pd.DataFrame:
@@ -151,7 +197,6 @@ class MovieLens1M(_MovieLensFiles):
     def __init__(self, data_dir: str | Path | None = None) -> None:
         super().__init__(
             data_dir, title="MovieLens 1M", folders=("movielens-1m", "ml-1m"),
-            archive_url=f"{_GROUPLENS}/ml-1m.zip",
         )
 
     def load(self) -> pd.DataFrame:
@@ -185,7 +230,7 @@ class MovieLensLatest(_MovieLensFiles):
             raise ValueError(f"variant must be one of {allowed}, got {variant!r}")
         super().__init__(
             data_dir, title=f"MovieLens {variant}", folders=(f"movielens-{variant}", f"ml-{variant}"),
-            archive_url=f"{_GROUPLENS}/ml-{variant}.zip", variant=variant,
+            variant=variant,
         )
         self.variant = variant
 
