@@ -133,6 +133,11 @@ def _type_name(setting: Setting) -> str:
     return names[setting.kind]
 
 
+def _plural(setting: Setting) -> str:
+    names = {"int": "integers", "float": "numbers", "str": "strings", "budget": "budgets ('1/4', 0.25 or '64MB')"}
+    return names[setting.kind]
+
+
 def _check_value(setting: Setting, value: Any, where: str) -> Any:
     """The validated (normalised) value of one item, or a ConfigError naming ``where``."""
     if setting.kind == "budget":
@@ -175,7 +180,7 @@ def check_setting(setting: Setting, value: Any, where: str) -> Any:
         return _check_value(setting, value, spot)
     if not isinstance(value, list):
         raise ConfigError(
-            f"{spot} must be a list of {_type_name(setting)} values, got {type(value).__name__} {value!r}"
+            f"{spot} must be a list of {_plural(setting)}, got {type(value).__name__} {value!r}"
         )
     if not value and not setting.allow_empty:
         raise ConfigError(f"{spot} must not be empty")
