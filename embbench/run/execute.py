@@ -184,7 +184,7 @@ def _train(
     except Diverged as exc:  # not a result: failed, with where it diverged and the finished epochs
         record.update(status="failed", error=str(exc), history_json=exc.history, epochs_run=len(exc.history))
         model = None
-    except Exception:  # one failing run must not stop the sweep; its traceback is kept
+    except (Exception, SystemExit):  # one failing run (a plugin's sys.exit too) must not stop the sweep
         record.update(status="failed", error=traceback.format_exc())
         model = None
     record.update(wall_seconds=time.perf_counter() - started, finished_at=now())

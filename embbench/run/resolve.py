@@ -72,7 +72,7 @@ def _plan(scheme: Scheme, feature: FeatureSpec, budget_bytes: int) -> SchemePlan
         raise
     except ValueError as exc:
         raise ConfigError(f"scheme '{name}': {exc}") from None
-    except Exception as exc:  # a plugin's bug must not become a traceback
+    except (Exception, SystemExit) as exc:  # a plugin's bug (or its sys.exit) must not become a traceback
         raise PluginError(
             f"scheme '{name}' failed to plan feature '{feature.name}': {type(exc).__name__}: {exc}"
         ) from None
