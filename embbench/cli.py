@@ -194,14 +194,26 @@ def run_group() -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to train each cell over (torchrun; gloo on CPU, nccl on GPU): tables sharded by "
                    "torchrec DistributedModelParallel, network schemes data-parallel.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runner processes sharing the suite, each cell trained by one of them, each with 1/N of the "
+                   "torch threads. Other runners on the same --db (other shells, other machines) share it too.")
 def run_suite_command(
-    suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, rerun: bool, nproc: int
+    suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, rerun: bool, nproc: int,
+    workers: int,
 ) -> None:
     """Run every unfinished cell of SUITE (a built-in name or a .toml path) into the results database."""
     from embbench.distributed.launch import launch, launched_by_torchrun
+    from embbench.errors import ConfigError
+    from embbench.run.store import ResultStore
     from embbench.run.sweep import run_suite
 
+    if workers > 1 and nproc > 1:
+        raise ConfigError(
+            f"--workers {workers} cannot be combined with --nproc {nproc}: --nproc trains each cell over several "
+            "processes, --workers trains several cells at once; use one of them"
+        )
     if nproc > 1 and not launched_by_torchrun():
+        ResultStore(db).check(writable=True)  # refused here, once, rather than by every rank
         # The children learn the world size from torchrun; "--nproc" itself would clash with torchrun's options.
         argv = ["-m", "embbench.cli", "run", "suite", suite, "--db", str(db)]
         argv += ["--data-dir", str(data_dir)] if data_dir is not None else []
@@ -209,14 +221,16 @@ def run_suite_command(
         argv += ["--no-progress"] if no_progress else []
         argv += ["--rerun"] if rerun else []
         sys.exit(launch(nproc, argv))
-    summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress, rerun=rerun)
+    summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress, rerun=rerun,
+                        workers=workers)
     from embbench.distributed import is_main
 
     if not is_main():
         sys.exit(1 if summary.failed else 0)
+    elsewhere = f", {summary.elsewhere} by other runners" if summary.elsewhere else ""
     click.echo(
         f"suite {summary.suite}: {summary.total} cells, {summary.already_done} already done, "
-        f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped -> {summary.db}"
+        f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped{elsewhere} -> {summary.db}"
     )
     for failure in summary.failures:
         click.echo(f"  failed: {failure}", err=True)
@@ -268,7 +282,8 @@ def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) ->
 @click.option("--suite-file", "suite_files", multiple=True,
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A suite file run from a path, to show its text in the report (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
+              help="Folder to write the report into (created; refused with one line if it cannot be written).")
 def report_command(db: Path, suite: str | None, suite_files: tuple[Path, ...], out: Path) -> None:
     """Write OUT/report.md and a self-contained OUT/report.html: tables, Pareto plots vs size and latency."""
     from embbench.measure.environment import git_commit, package_versions

@@ -3,6 +3,8 @@ and Pareto plots, then the cells that did not run, the environment and the suite
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from embbench.errors import EmbbenchError
 from embbench.report.columns import METRIC_LABELS, PANEL_KEYS, X_AXIS_NAMES, text_column
 from embbench.report.configuration import configuration_blocks, shipped_suite_sources, suite_configurations
 from embbench.report.document import (
@@ -47,15 +50,54 @@ def write_report(
 
     ``suite_sources`` maps a suite name to the text of its suite file, shown verbatim next to the configuration
     its stored cells actually ran with (``shipped_suite_sources`` reads the shipped ones).
+
+    A folder that cannot be created or written is refused with one line before anything is written.
     """
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    blocks = report_blocks(frame, figures_dir, title, context, suite_sources)
-    path = out_dir / "report.md"
-    path.write_text(render_markdown(blocks), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(blocks, out_dir, title), encoding="utf-8")
+    try:
+        _check_writable(out_dir)
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        blocks = report_blocks(frame, figures_dir, title, context, suite_sources)
+        path = out_dir / "report.md"
+        path.write_text(render_markdown(blocks), encoding="utf-8")
+        (out_dir / "report.html").write_text(render_html(blocks, out_dir, title), encoding="utf-8")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise EmbbenchError(
+            f"cannot write the report to {out_dir}: {exc.strerror or exc}{where}; pass --out with a folder you can "
+            "write"
+        ) from None
     return path
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Refuse an output folder that is a file, lies under a file, or whose nearest existing folder is read-only."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EmbbenchError(
+            f"cannot write the report to {out_dir}: {existing} is a file; pass --out with a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EmbbenchError(
+            f"cannot write the report to {out_dir}: {existing} is not writable; pass --out with a folder you can "
+            "write"
+        )
+
+
+#: longest figure file name (bytes); file systems allow 255, and long suite or label names must still fit
+FIGURE_NAME_BYTES = 120
+
+
+def figure_file_name(text: str) -> str:
+    """A figure's file name: the slug of ``text``, cut and made unique by a hash where it would be too long."""
+    name = slug(text)
+    if len(name.encode()) > FIGURE_NAME_BYTES:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        name = name.encode()[: FIGURE_NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "-" + digest
+    return name + ".png"
 
 
 def report_blocks(
@@ -98,7 +140,7 @@ def report_blocks(
                 for metric, metric_label in METRIC_LABELS.items():
                     if (panel[f"{metric}_mean"].notna() & panel[x].notna()).any():
                         suffix = "" if x == "size_bytes" else "__latency"
-                        name = slug(f"{suite}__{dataset}__{model}__{device}__{metric}{suffix}") + ".png"
+                        name = figure_file_name(f"{suite}__{dataset}__{model}__{device}__{metric}{suffix}")
                         plot_pareto(summary, dataset, model, device, metric, figures_dir / name, suite=suite,
                                     labels=labels, x=x)
                         blocks.append(FigureLink(f"{metric_label} vs {x_label}: {heading}",

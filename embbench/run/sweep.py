@@ -9,7 +9,11 @@ a missing GPU or library) is stored as skipped with the reason.
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import tempfile
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +23,14 @@ from tqdm.auto import tqdm
 
 from embbench import registry
 from embbench.distributed import barrier, init_from_env
+from embbench.distributed.launch import launched_by_torchrun
 from embbench.errors import ConfigError, EmbbenchError
 from embbench.measure.environment import available_memory_bytes
 from embbench.models import RESERVED_ARGUMENTS
+from embbench.run.cells import Cell
 from embbench.run.execute import execute
 from embbench.run.resolve import MEMORY_HEADROOM, Run, resolve_runs
-from embbench.run.store import DEFAULT_DB, ResultStore
+from embbench.run.store import DEFAULT_DB, LEASE_SECONDS, ResultStore, new_owner
 from embbench.run.suites import Entry, Suite, find_suite, parse_suite
 from embbench.tasks import Task, TaskData
 
@@ -52,6 +58,7 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    elsewhere: int = 0  # finished by other runners sharing the database while this one ran
     failures: list[str] = field(default_factory=list)
 
 
@@ -59,6 +66,9 @@ def load_suite(name_or_path: str | Path, quick: bool = False) -> Suite:
     """A shipped suite by name, or a suite file by path, read and validated (schema only)."""
     return parse_suite(find_suite(name_or_path), quick=quick)
 
+
+#: most seconds a runner waits before looking again at cells other runners are training
+POLL_SECONDS = 5.0
 
 #: fp32 copies of every dense parameter while training with Adam: weights, gradients, two moments
 DENSE_TRAINING_COPIES = 4
@@ -144,20 +154,46 @@ def run_suite(
     quick: bool = False,
     progress: bool = True,
     rerun: bool = False,
+    workers: int = 1,
+    threads: int | None = None,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> RunSummary:
     """Run every cell of a suite that is not already finished in ``db`` (every cell, with ``rerun``: its
     stored row is replaced).
 
+    Each cell is claimed in the database before it trains (a lease of ``lease_seconds``, renewed while this
+    runner lives), so any number of runners on one database — processes on this machine, or machines sharing
+    the file — split the suite and train each cell once; each returns when every cell is finished, taking
+    over the cells of a runner whose leases expired. ``workers`` > 1 starts that many runner processes here,
+    each with its share of the torch threads (``threads`` sets this runner's).
+
     Under torchrun (``embbench run suite --nproc N``) every rank runs this: all ranks train each cell together
-    and rank 0 alone writes the results. A sharded cell in a single process runs in a process group of one,
-    the same code path.
+    and rank 0 alone claims cells and writes the results. A sharded cell in a single process runs in a process
+    group of one, the same code path.
     """
+    store = ResultStore(db)
+    store.check(writable=True)  # a damaged or foreign file is refused before anything is loaded or trained
+    if workers > 1:
+        return _run_workers(name_or_path, db, data_dir, quick, rerun, workers, lease_seconds)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # before the cells are made: their identity holds the thread count
+    try:
+        return _sweep(name_or_path, store, data_dir, quick, progress, rerun, lease_seconds)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _sweep(
+    name_or_path: str | Path, store: ResultStore, data_dir: str | Path | None, quick: bool, progress: bool,
+    rerun: bool, lease_seconds: float,
+) -> RunSummary:
+    started = time.time()  # cells other runners finish from now on are this sweep's too
     suite = load_suite(name_or_path, quick)
     devices = suite.settings["devices"]
     on_gpu = torch.cuda.is_available() and ("cuda" in devices or "auto" in devices)
     rank, world = init_from_env("cuda" if on_gpu else "cpu")  # nccl for GPU runs, gloo otherwise
     prepared = prepare(suite, data_dir, world_size=world)
-    store = ResultStore(db)
     done = set() if rerun else store.finished_keys()
     barrier()  # every rank has read the same finished cells before rank 0 writes new ones
     main = rank == 0
@@ -171,28 +207,130 @@ def run_suite(
         total=summary.total - summary.already_done, desc=suite.name, unit="cell",
         disable=not (progress and main), dynamic_ncols=True,
     )
-    for run, cells in pending:
-        trained = run.trained
-        bar.set_postfix_str(trained.describe())
-
-        def show(epoch: dict[str, float], text: str = trained.describe()) -> None:
-            bar.set_postfix_str(f"{text} epoch {epoch['epoch']} val_auc {epoch.get('val_auc', 0):.4f}")
-
-        records = execute(
-            run, prepared.task, prepared.data[trained.dataset.label], {c.key for c in cells}, show, main
-        )
-        for cell, record in zip(cells, records, strict=True):
-            if main:
-                store.write(record)
-            status = record["status"]
-            setattr(summary, status, getattr(summary, status) + 1)
-            if status == "failed":
-                last_line = record["error"].strip().splitlines()[-1]
-                summary.failures.append(f"{cell.describe()}: {last_line}")
-            bar.update(1)
+    owner = new_owner()
+    poll_seconds = min(POLL_SECONDS, lease_seconds / 4)
+    with store.keep_leases(owner, lease_seconds) if main else nullcontext():
+        while pending:
+            waiting = []
+            trained_any = False
+            for run, cells in pending:
+                keys = [c.key for c in cells]
+                claim = _from_main(store.claim(keys, owner, lease_seconds, started, rerun) if main else None, world)
+                summary.elsewhere += len(claim.finished)
+                bar.update(len(claim.finished))
+                leased, taken = set(claim.leased), set(claim.taken)
+                if leased:
+                    waiting.append((run, [c for c in cells if c.key in leased]))
+                mine = [c for c in cells if c.key in taken]
+                if mine:
+                    trained_any = True
+                    _train(run, mine, prepared, store, owner if main else None, summary, bar)
+            pending = waiting
+            if pending and not trained_any:
+                # Every remaining cell is another runner's: wait for its row, or for its lease to expire.
+                bar.set_postfix_str(f"waiting for {sum(len(c) for _, c in pending)} cells of other runners")
+                time.sleep(poll_seconds)
     bar.close()
     barrier()
     return summary
+
+
+def _train(
+    run: Run, cells: list[Cell], prepared: Prepared, store: ResultStore, owner: str | None, summary: RunSummary,
+    bar: Any,
+) -> None:
+    """Train ``run`` for ``cells`` (claimed by ``owner``, which writes their rows: the main rank) and count them."""
+    trained = run.trained
+    bar.set_postfix_str(trained.describe())
+
+    def show(epoch: dict[str, float], text: str = trained.describe()) -> None:
+        bar.set_postfix_str(f"{text} epoch {epoch['epoch']} val_auc {epoch.get('val_auc', 0):.4f}")
+
+    records = execute(
+        run, prepared.task, prepared.data[trained.dataset.label], {c.key for c in cells}, show, owner is not None
+    )
+    for cell, record in zip(cells, records, strict=True):
+        if owner is not None:
+            store.write(record, lease_owner=owner)
+        status = record["status"]
+        setattr(summary, status, getattr(summary, status) + 1)
+        if status == "failed":
+            last_line = record["error"].strip().splitlines()[-1]
+            summary.failures.append(f"{cell.describe()}: {last_line}")
+        bar.update(1)
+
+
+def _from_main(value: Any, world: int) -> Any:
+    """The main rank's ``value`` on every rank (it alone claims cells; all ranks train what it claimed)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_workers(
+    name_or_path: str | Path, db: str | Path, data_dir: str | Path | None, quick: bool, rerun: bool, workers: int,
+    lease_seconds: float,
+) -> RunSummary:
+    """Run a suite in ``workers`` processes on this machine that share it through the database's leases, each
+    with an equal share of this process's torch threads; their summaries added up."""
+    if launched_by_torchrun():
+        raise ConfigError("workers cannot be combined with --nproc > 1: use one or the other")
+    suite = load_suite(name_or_path, quick)  # the schema is checked once, here, before any process starts
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    arguments = (str(name_or_path), str(db), None if data_dir is None else str(data_dir), quick, rerun, threads,
+                 lease_seconds)
+    processes = [context.Process(target=_worker, args=(results, *arguments), name=f"embbench-worker-{index}")
+                 for index in range(workers)]
+    for process in processes:
+        process.start()
+    outcomes: list[RunSummary | str] = []
+    try:
+        while len(outcomes) < workers:
+            try:
+                outcomes.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(f"worker {dead[0].name} died with exit code {dead[0].exitcode}") from None
+    finally:
+        for process in processes:
+            if process.is_alive() and len(outcomes) < workers:
+                process.terminate()
+            process.join()
+    errors = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    if errors:
+        raise EmbbenchError(errors[0])
+    summaries = [outcome for outcome in outcomes if isinstance(outcome, RunSummary)]
+    total = RunSummary(suite.name, Path(db), total=summaries[0].total)
+    total.already_done = min(s.already_done for s in summaries)
+    for summary in summaries:
+        total.ok, total.failed, total.skipped = (
+            total.ok + summary.ok, total.failed + summary.failed, total.skipped + summary.skipped
+        )
+        total.failures += summary.failures
+    # what none of these workers ran nor found finished at its start: finished by runners outside this group
+    total.elsewhere = max(0, total.total - total.already_done - total.ok - total.failed - total.skipped)
+    return total
+
+
+def _worker(
+    results: Any, name_or_path: str, db: str, data_dir: str | None, quick: bool, rerun: bool, threads: int,
+    lease_seconds: float,
+) -> None:
+    """One runner process of :func:`_run_workers`: its summary, or the line of its user error, into ``results``."""
+    try:
+        summary = run_suite(name_or_path, db, data_dir, quick, progress=False, rerun=rerun, threads=threads,
+                            lease_seconds=lease_seconds)
+    except EmbbenchError as exc:
+        results.put(str(exc))
+        return
+    results.put(summary)
 
 
 def _single_process_group() -> None:
