@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,25 @@ from embbench.run.store import DEFAULT_DB
 EXIT_USER_ERROR = 2
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning as one line on stderr, ``warning: ...`` (no file, line number or source line)."""
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 class Group(click.Group):
-    """Turns EmbbenchError into one line and exit code 2."""
+    """Turns EmbbenchError into one line and exit code 2, and every warning into one ``warning:`` line."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        shown = warnings.showwarning
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except EmbbenchError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_USER_ERROR)
+        finally:
+            warnings.showwarning = shown
 
 
 def _json_default(value: Any) -> Any:

@@ -276,3 +276,19 @@ def test_check_invalid_param_value_is_one_line():
 
 def test_check_dim_below_one_is_one_line():
     assert_one_line_error(invoke("check", "hashing-trick", "--dim", "0"), "dim must be >= 1")
+
+
+def test_a_warning_is_one_line_without_file_or_source(monkeypatch):
+    import warnings
+
+    from embbench import registry
+
+    def warns(*args, **kwargs):
+        warnings.warn("rebuilding the split cache /x: checksum of\ntrain.parquet differs", UserWarning, stacklevel=2)
+        return []
+
+    monkeypatch.setattr(registry, "list_plugins", warns)
+    result = invoke("list", "schemes")  # output holds stderr too
+    lines = [line for line in result.output.splitlines() if line.startswith("warning")]
+    assert lines == ["warning: rebuilding the split cache /x: checksum of train.parquet differs"], result.output
+    assert ".py:" not in result.output and "UserWarning" not in result.output
