@@ -59,8 +59,15 @@ def test_a_synthetic_dataset_larger_than_memory_is_refused(tmp_path):
     assert_refused(result, db, "datasets[0]", "interactions; at most 200,000,000")
 
 
-def test_a_model_whose_layers_exceed_memory_is_refused_without_allocating(tmp_path):
+def test_a_layer_wider_than_the_model_takes_is_refused(tmp_path):
     result, db = run_suite_cli(tmp_path, model=f'name = "mlp"\nparams = {{ hidden = [{10**12}] }}')
+    assert_refused(result, db, "models[0]", "layer widths in [1, 16,384]")
+
+
+def test_a_model_whose_layers_exceed_memory_is_refused_without_allocating(tmp_path):
+    # 64 layers of 16,384 x 16,384: 69 GB of weights, each layer within bounds; built on the meta device only
+    widths = ", ".join(["16384"] * 64)
+    result, db = run_suite_cli(tmp_path, model=f'name = "mlp"\nparams = {{ hidden = [{widths}] }}')
     assert_refused(result, db, "models[0]", "bytes of dense parameters", "use smaller layers")
 
 

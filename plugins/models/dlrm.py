@@ -22,10 +22,20 @@ def _mlp(widths: list[int], last_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+#: the widest layer and the most layers a model takes: an evaluation batch of 65,536 rows through a layer of
+#: 16,384 units holds 4 GiB of activations, the most a 24 GB machine can give one layer
+MAX_LAYER_WIDTH = 16_384
+MAX_LAYERS = 64
+
+
 def _check_widths(name: str, widths: list[int]) -> list[int]:
     widths = list(widths)
-    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"{name} must be a list of positive layer widths, got {widths}")
+    if len(widths) > MAX_LAYERS or any(
+        isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_LAYER_WIDTH for w in widths
+    ):
+        raise ValueError(
+            f"{name} must be a list of at most {MAX_LAYERS} layer widths in [1, {MAX_LAYER_WIDTH:,}], got {widths}"
+        )
     return widths
 
 

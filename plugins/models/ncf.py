@@ -9,6 +9,11 @@ from torch import nn
 
 from embbench import RecModel
 
+#: the widest layer and the most layers a model takes: an evaluation batch of 65,536 rows through a layer of
+#: 16,384 units holds 4 GiB of activations, the most a 24 GB machine can give one layer
+MAX_LAYER_WIDTH = 16_384
+MAX_LAYERS = 64
+
 
 class GMF(RecModel):
     """Generalized Matrix Factorization: logit = h · (p_u ⊙ q_i) + b."""
@@ -38,8 +43,13 @@ class MLP(RecModel):
     def __init__(self, embeddings: Mapping[str, nn.Module], dim: int, hidden: list[int] | None = None) -> None:
         super().__init__(embeddings, dim)
         hidden = [256, 128, 64] if hidden is None else list(hidden)
-        if not hidden or any(not isinstance(w, int) or w < 1 for w in hidden):
-            raise ValueError(f"hidden must be a non-empty list of positive layer widths, got {hidden}")
+        if not hidden or len(hidden) > MAX_LAYERS or any(
+            isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_LAYER_WIDTH for w in hidden
+        ):
+            raise ValueError(
+                f"hidden must be a non-empty list of at most {MAX_LAYERS} layer widths in [1, {MAX_LAYER_WIDTH:,}], "
+                f"got {hidden}"
+            )
         self.hidden = hidden
         self.first = nn.Linear(2 * dim, hidden[0])
         rest: list[nn.Module] = [nn.ReLU()]
