@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from embbench.cli import main
+from cli_checks import assert_one_line_error, invoke
 
 SMALL_DATA = 'params = { num_users = 120, num_items = 80, interactions_per_user = 6 }'
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def write_suite(tmp_path, body: str):
@@ -33,15 +27,6 @@ name = "gmf"
 [[schemes]]
 name = "hashing-trick"
 """
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_list_schemes_json_contract():

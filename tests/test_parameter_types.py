@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import pytest
+from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 
 from embbench.cli import main
@@ -27,11 +28,7 @@ def run_suite_cli(tmp_path, dataset: str = SMALL_DATA, model: str = 'name = "gmf
 
 
 def assert_refused(result, db, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    assert_one_line_error(result, *fragments)
     assert not db.exists()
 
 

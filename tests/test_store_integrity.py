@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from cli_checks import assert_one_line_error, invoke
 
-from embbench.cli import main
 from embbench.errors import EmbbenchError
 from embbench.report import write_report
 from embbench.run.record import COLUMNS
@@ -45,19 +44,6 @@ def row(key: str, **extra: object) -> dict:
     }
     record.update(extra)
     return record
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def fingerprint(path: Path) -> tuple[str, list[str]]:
