@@ -4,7 +4,6 @@ and Pareto plots, then the cells that did not run, the environment and the suite
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from embbench.errors import EmbbenchError
+from embbench.paths import unwritable_reason
 from embbench.report.columns import METRIC_LABELS, PANEL_KEYS, X_AXIS_NAMES, text_column
 from embbench.report.configuration import configuration_blocks, shipped_suite_sources, suite_configurations
 from embbench.report.document import (
@@ -56,7 +56,10 @@ def write_report(
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
     try:
-        _check_writable(out_dir)
+        reason = unwritable_reason(out_dir)
+        if reason is not None:
+            fix = "a folder" if reason.endswith("is a file") else "a folder you can write"
+            raise EmbbenchError(f"cannot write the report to {out_dir}: {reason}; pass --out with {fix}")
         figures_dir.mkdir(parents=True, exist_ok=True)
         blocks = report_blocks(frame, figures_dir, title, context, suite_sources)
         path = out_dir / "report.md"
@@ -69,22 +72,6 @@ def write_report(
             "write"
         ) from None
     return path
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Refuse an output folder that is a file, lies under a file, or whose nearest existing folder is read-only."""
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise EmbbenchError(
-            f"cannot write the report to {out_dir}: {existing} is a file; pass --out with a folder"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EmbbenchError(
-            f"cannot write the report to {out_dir}: {existing} is not writable; pass --out with a folder you can "
-            "write"
-        )
 
 
 #: longest figure file name (bytes); file systems allow 255, and long suite or label names must still fit

@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from embbench.errors import EmbbenchError
+from embbench.paths import unwritable_reason
 from embbench.run.record import COLUMNS, JSON_COLUMNS
 
 DEFAULT_DB = Path("results") / "embbench.sqlite"
@@ -90,7 +91,9 @@ class ResultStore:
                 raise EmbbenchError(f"results database {path} is a folder, not a file; {_START_NEW}")
             if not exists:
                 if writable:
-                    _check_creatable(path)
+                    reason = unwritable_reason(path.parent)
+                    if reason is not None:
+                        raise EmbbenchError(f"cannot create results database {path}: {reason}; pass another --db")
                 self._checked.add(writable)
                 return
             # Never open() the file itself: closing any descriptor of a database drops the SQLite locks this
@@ -388,14 +391,3 @@ def _alive(owner: str) -> bool:
     except OSError:
         return True  # a process that exists but is not ours to signal
     return True
-
-
-def _check_creatable(path: Path) -> None:
-    """Refuse a database path whose folder cannot be created or written."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise EmbbenchError(f"cannot create results database {path}: {folder} is a file; pass another --db")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise EmbbenchError(f"cannot create results database {path}: {folder} is not writable; pass another --db")
