@@ -87,10 +87,14 @@ class Cell:
             "scheme": {"name": self.scheme.name, "params": self.scheme.params},
         }
         for setting in SETTINGS:
-            if setting.role in (CELL, TRAINING):
-                identity[setting.name] = self.settings[setting.name]
-            elif setting.role == AXIS:
-                identity[setting.cell_name] = self.settings[setting.cell_name]
+            if setting.role not in (CELL, TRAINING, AXIS):
+                continue
+            name = setting.cell_name if setting.role == AXIS else setting.name
+            value = self.settings[name]
+            default = setting.default[0] if setting.role == AXIS and setting.default else setting.default
+            if setting.omit_default and value == default:
+                continue
+            identity[name] = value
         identity.update(world_size=self.world_size, threads=self.threads, provenance=dict(self.provenance))
         return identity
 

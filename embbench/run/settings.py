@@ -55,6 +55,9 @@ class Setting:
     cell_name: str | None = None
     allow_empty: bool = False
     in_quick: bool = True
+    #: a setting added after cells were stored: part of a cell's identity only when it differs from its default,
+    #: so that its default (the old behaviour) keeps the keys of finished cells
+    omit_default: bool = False
 
     @property
     def is_list(self) -> bool:
