@@ -36,7 +36,15 @@ from embbench.schemes import (
     largest_fitting,
     state_size_bytes,
 )
-from embbench.tables import DEFAULT_INIT_STD, EmbeddingTable, Lookup, TableBackedEmbedding
+from embbench.tables import (
+    DEFAULT_INIT_STD,
+    INIT_KINDS,
+    EmbeddingTable,
+    Lookup,
+    TableBackedEmbedding,
+    TableInit,
+    initialise_tables,
+)
 from embbench.tasks import METRIC_COLUMNS, Task, TaskData, pool_batch
 from embbench.training import EpochRows, PlainStep, TrainConfig, TrainResult, TrainStep
 from embbench.vocabulary import VocabularyIndex, lookup_sorted
@@ -60,12 +68,15 @@ __all__ = [
     "state_size_bytes",
     # schemes: building blocks of scheme modules (tables looked up in a model's one collection, hashing, vocabularies)
     "DEFAULT_INIT_STD",
+    "INIT_KINDS",
     "MERSENNE_PRIME",
     "EmbeddingTable",
     "HashFamily",
     "Lookup",
     "TableBackedEmbedding",
+    "TableInit",
     "VocabularyIndex",
+    "initialise_tables",
     "lookup_sorted",
     # datasets: user-item interactions and their leave-last-out split, click-through data, file helpers
     "SPLITS",

@@ -26,10 +26,51 @@ if TYPE_CHECKING:
 DEFAULT_INIT_STD = 0.01
 
 
+INIT_KINDS = ("normal", "uniform")
+
+
 def initial_weights(num_rows: int, dim: int, seed: int, std: float = DEFAULT_INIT_STD) -> torch.Tensor:
     """The seeded N(0, std^2) rows a table starts from."""
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(num_rows, dim, generator=generator) * std
+
+
+@dataclass(frozen=True)
+class TableInit:
+    """How a table's rows start: ``normal`` draws N(0, ``std``^2); ``uniform`` draws U(-b, b) with
+    b = ``scale`` / sqrt(dim) (``scale`` 1: the U(±d^-½) of Hash Embeddings' and CCE's reference code), dim being
+    the table's width. Seeded by the table's seed: the same seed gives the same rows."""
+
+    kind: str = "normal"
+    std: float = DEFAULT_INIT_STD
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INIT_KINDS:
+            raise ValueError(f"table init must be one of {', '.join(INIT_KINDS)}, got '{self.kind}'")
+        if not (self.std >= 0 and self.scale > 0):
+            raise ValueError(f"table init std must be >= 0 and scale > 0, got {self.std} and {self.scale}")
+
+    def weights(self, num_rows: int, dim: int, seed: int) -> torch.Tensor:
+        if self.kind == "normal":
+            return initial_weights(num_rows, dim, seed, self.std)
+        generator = torch.Generator().manual_seed(int(seed))
+        bound = self.scale / dim**0.5
+        return (torch.rand(num_rows, dim, generator=generator) * 2 - 1) * bound
+
+    def describe(self) -> str:
+        return f"normal(0, {self.std:g}^2)" if self.kind == "normal" else f"uniform(±{self.scale:g}/sqrt(dim))"
+
+
+def initialise_tables(module: nn.Module, init: TableInit) -> int:
+    """Start every embedding table of ``module`` (not its auxiliary tables, e.g. importance weights) from
+    ``init``, each from its own seed; the number of tables re-initialised. Tables must not be bound yet."""
+    count = 0
+    for table in module.modules():
+        if isinstance(table, EmbeddingTable) and not table.auxiliary:
+            table.reinitialise(init)
+            count += 1
+    return count
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +104,9 @@ class Lookup:
 
 
 class EmbeddingTable(nn.Module):
-    """A table of ``num_rows`` fp32 rows of ``dim``, initialised N(0, ``init_std``^2) from ``seed``.
+    """A table of ``num_rows`` fp32 rows of ``dim``, initialised N(0, ``init_std``^2) from ``seed`` (or as
+    ``init`` says, see :class:`TableInit`). An ``auxiliary`` table holds something other than embedding rows
+    (e.g. importance weights): a suite's ``init`` setting leaves it alone.
 
     ``lookups`` is how many separate reads of the table one forward of its scheme module makes (a hash
     embedding reads its pool once per hash; most schemes read a table once). ``weighted`` tables take
@@ -82,6 +125,8 @@ class EmbeddingTable(nn.Module):
         init_std: float = DEFAULT_INIT_STD,
         weighted: bool = False,
         lookups: int = 1,
+        init: TableInit | None = None,
+        auxiliary: bool = False,
     ) -> None:
         super().__init__()
         if num_rows < 1:
@@ -91,7 +136,9 @@ class EmbeddingTable(nn.Module):
         if lookups < 1:
             raise ValueError(f"lookups must be >= 1 (reads of the table per forward), got {lookups}")
         self.num_rows, self.dim, self.weighted, self.lookups = int(num_rows), int(dim), weighted, int(lookups)
-        self.register_parameter("weight", nn.Parameter(initial_weights(num_rows, dim, seed, init_std)))
+        self.seed, self.auxiliary = int(seed), auxiliary
+        self.init = init if init is not None else TableInit("normal", init_std)
+        self.register_parameter("weight", nn.Parameter(self.init.weights(self.num_rows, self.dim, self.seed)))
         self._collection: TableCollection | None = None
         self._key: str | None = None
         #: row-sparse gradients when read standalone (set by the model for tables outside its collection)
@@ -103,6 +150,14 @@ class EmbeddingTable(nn.Module):
             assert self._key is not None
             return self._collection.weight(self._key)
         return self._parameters["weight"]  # type: ignore[return-value]
+
+    def reinitialise(self, init: TableInit) -> None:
+        """Start the rows again from ``init`` (and this table's seed); only before a collection holds them."""
+        if self._collection is not None:
+            raise RuntimeError(f"table {self._key} is held by a collection: initialise it before building the model")
+        self.init = init
+        with torch.no_grad():
+            self._parameters["weight"].copy_(init.weights(self.num_rows, self.dim, self.seed))
 
     @property
     def bound(self) -> bool:

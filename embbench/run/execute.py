@@ -29,12 +29,20 @@ from embbench.run.record import SHARED_FIELDS
 from embbench.run.resolve import Run
 from embbench.run.settings import BASE_PRECISION
 from embbench.schemes import FeatureSpec, build_planned, full_table_bytes
+from embbench.tables import TableInit, initialise_tables
 from embbench.tasks import Task, TaskData, metric_record
 from embbench.training import PlainStep
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def table_init(cell: Cell) -> TableInit | None:
+    """The initialisation a cell's ``init`` setting gives every embedding table; None: each scheme's own."""
+    if cell["init"] == "scheme":
+        return None
+    return TableInit(cell["init"], std=cell["init_std"], scale=cell["init_scale"])
 
 
 def build_model(run: Run, task: Task, data: TaskData, sharded_tables: bool | None = None) -> nn.Module:
@@ -45,6 +53,10 @@ def build_model(run: Run, task: Task, data: TaskData, sharded_tables: bool | Non
         name: build_planned(run.scheme, run.trained.scheme.name, feature, run.plans[name], run.feature_seeds[name])
         for name, feature in data.features.items()
     }
+    init = table_init(run.trained)
+    if init is not None:  # the suite's init overrides the schemes' own, before the collection takes the rows
+        for module in modules.values():
+            initialise_tables(module, init)
     tables = run.placement.tables
     embeddings = FeatureEmbeddings(modules, tables)
     torch.manual_seed(run.trained.seed)

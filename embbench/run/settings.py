@@ -13,6 +13,7 @@ from typing import Any
 from embbench.collection import TABLE_OPTIMIZERS
 from embbench.errors import ConfigError, closest
 from embbench.schemes import Budget
+from embbench.tables import DEFAULT_INIT_STD, INIT_KINDS
 from embbench.training import EARLY_STOPPING_METRICS
 
 #: roles: what a setting is for
@@ -23,6 +24,7 @@ AXIS = "axis"  # a list: one cell per value; the value is part of a cell's ident
 MEASURE = "measure"  # what is measured after training; not part of a cell's identity
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+INIT_CHOICES = ("scheme", *INIT_KINDS)
 BASE_PRECISION = "fp32"
 DEVICES = ("cpu", "cuda", "auto")
 BACKENDS = ("auto", "torchrec", "torch")
@@ -71,6 +73,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("task", "str", "ranking", CELL, "what is learned and scored: ranking, rating-classification, ctr",
             in_quick=False),
     Setting("dim", "int", 32, CELL, "embedding dimension", minimum=1, maximum=MAX_DIM),
+    Setting("init", "str", "scheme", CELL,
+            "how every embedding table starts: scheme (each scheme's own), normal (N(0, init_std^2)), uniform "
+            "(U(±init_scale/sqrt(width))); network schemes (dhe, tt-rec) keep their own",
+            choices=INIT_CHOICES, omit_default=True),
+    Setting("init_std", "float", DEFAULT_INIT_STD, CELL, "standard deviation of init = normal", minimum=0.0,
+            maximum=10.0, omit_default=True),
+    Setting("init_scale", "float", 1.0, CELL, "bound of init = uniform, in units of 1/sqrt(width)", positive=True,
+            maximum=100.0, omit_default=True),
     Setting("embedding_optimizers", "str", ["adam"], AXIS,
             "table optimizers: adam (row-sparse Adam), sgd, adagrad, rowwise-adagrad, dense-adam (Adam over every row)",
             choices=TABLE_OPTIMIZERS, cell_name="embedding_optimizer"),
@@ -112,7 +122,10 @@ ENTRY_SECTIONS: dict[str, tuple[str, ...]] = {
     "models": ("name", "params", "label"),
     "schemes": ("name", "params", "label", "budgets"),
 }
-TOP_LEVEL_KEYS = (*BY_NAME, *ENTRY_SECTIONS, "quick")
+#: the keys of a [[references]] entry (a published number to compare with; not part of any cell): required
+#: first, then optional
+REFERENCE_KEYS = ("source", "method", "budget", "metric", "value", "note", "url", "size_bytes", "dataset", "model")
+TOP_LEVEL_KEYS = (*BY_NAME, *ENTRY_SECTIONS, "references", "quick")
 
 
 def defaults() -> dict[str, Any]:
