@@ -43,11 +43,14 @@ def pareto_figure(
     suite: str | None = None,
     labels: Sequence[str] | None = None,
     x: str = "size_bytes",
+    references: pd.DataFrame | None = None,
 ) -> Figure:
     """The Pareto plot of one panel as a matplotlib Figure (not registered with pyplot; nothing to close).
 
     ``x`` is the cost axis: ``size_bytes`` (default) or ``embedding_latency_ms``; less is better on both.
     ``labels`` fixes the palette (default: every scheme label in ``summary``, not just this panel's).
+    ``references`` (rows of ``reference_comparisons``: ``scheme_label``, ``x_bytes``, ``metric``, ``value``) are
+    drawn as hollow markers in their scheme's colour and marker, on the size axis, for this ``metric``.
     """
     if metric not in METRIC_LABELS:
         raise ValueError(f"metric must be one of {sorted(METRIC_LABELS)}, got '{metric}'")
@@ -98,8 +101,12 @@ def pareto_figure(
         axes.axhline(reference, color="grey", linestyle="--", linewidth=1.0, zorder=0)
         handles.append(Line2D([], [], color="grey", linestyle="--", label=f"best full ({reference:.4f})"))
 
+    drawn = _draw_references(axes, references, metric, styles) if x == "size_bytes" else np.array([])
+    if len(drawn):
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none",
+                              label="published (hollow)"))
     axes.set_xscale("log")
-    _readable_log_ticks(axes, size, in_bytes=x == "size_bytes")
+    _readable_log_ticks(axes, np.concatenate([size, drawn]), in_bytes=x == "size_bytes")
     axes.set_xlabel(X_AXES[x])
     axes.set_ylabel(METRIC_LABELS[metric])
     axes.set_title(f"{dataset} · {model} · {device}")
@@ -107,6 +114,21 @@ def pareto_figure(
                 borderaxespad=0.0, frameon=False)
     figure.tight_layout()
     return figure
+
+
+def _draw_references(
+    axes: Any, references: pd.DataFrame | None, metric: str, styles: dict[str, tuple[Any, str]]
+) -> np.ndarray:
+    """Hollow markers for the references of ``metric`` that have a place on the size axis; their x values."""
+    if references is None or not len(references):
+        return np.array([])
+    shown = references[(references["metric"] == metric) & references["x_bytes"].notna()
+                       & references["value"].notna()]
+    for row in shown.itertuples(index=False):
+        colour, marker = styles.get(row.scheme_label, ((0.4, 0.4, 0.4), "o"))
+        axes.scatter([row.x_bytes], [row.value], marker=marker, s=70, facecolors="none", edgecolors=[colour],
+                     linewidths=1.6, zorder=4)
+    return shown["x_bytes"].to_numpy(dtype=float)
 
 
 def plot_pareto(
@@ -120,9 +142,12 @@ def plot_pareto(
     suite: str | None = None,
     labels: Sequence[str] | None = None,
     x: str = "size_bytes",
+    references: pd.DataFrame | None = None,
 ) -> Path:
-    """Save the panel's Pareto plot (metric against size or latency, CI bars, front as a step) as a PNG."""
-    figure = pareto_figure(summary, dataset, model, device, metric, suite=suite, labels=labels, x=x)
+    """Save the panel's Pareto plot (metric against size or latency, CI bars, front as a step, published
+    references as hollow markers) as a PNG."""
+    figure = pareto_figure(summary, dataset, model, device, metric, suite=suite, labels=labels, x=x,
+                           references=references)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=120, bbox_inches="tight")

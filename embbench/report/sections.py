@@ -1,5 +1,6 @@
 """The report's tables as blocks: one per panel (every scheme and budget with means, intervals and front marks),
-the cells that failed or were skipped, and the commits, machines and library versions the cells ran with."""
+its paired comparisons, leaderboard and published references, the cells that failed or were skipped, and the
+commits, machines and library versions the cells ran with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from embbench.report.columns import ENVIRONMENT_COLUMNS, FAILURE_COLUMNS, text_column
+from embbench.report.columns import ENVIRONMENT_COLUMNS, FAILURE_COLUMNS, METRIC_LABELS, text_column
 from embbench.report.document import Block, Heading, Table
 from embbench.report.formatting import context_value, format_bytes, number_text
 
@@ -92,3 +93,59 @@ def environment_blocks(frame: pd.DataFrame) -> list[Block]:
         blocks.append(Table(("library versions", "cells"),
                             tuple((text, str(count)) for text, count in sorted(versions.items())), "lr"))
     return blocks
+
+
+SIGNIFICANT_MARK = "†"
+
+
+def comparison_table(comparisons: pd.DataFrame) -> Table:
+    """One panel's paired comparisons with the best scheme at each budget; † marks a significant difference."""
+    rows = []
+    for row in comparisons.itertuples(index=False):
+        if row.significant is None or (isinstance(row.significant, float) and math.isnan(row.significant)):
+            difference, p_value = f"n/a ({row.pairs} paired seed{'s' if row.pairs != 1 else ''})", "n/a"
+        else:
+            difference = f"{row.difference_mean:+.4f} [{row.difference_low:+.4f}, {row.difference_high:+.4f}]"
+            difference += f" {SIGNIFICANT_MARK}" if row.significant else ""
+            p_value = "< 0.0001" if row.p_value < 1e-4 else f"{row.p_value:.4f}"
+        rows.append((METRIC_LABELS.get(row.metric, row.metric), str(row.budget), row.best, row.scheme_label,
+                     str(row.pairs), difference, p_value))
+    header = ("metric", "budget", "best", "scheme", "paired seeds", "difference to best [95% CI]", "p")
+    return Table(header, tuple(rows), "lllllrr")
+
+
+def leaderboard_table(ranked: pd.DataFrame) -> Table:
+    """One panel's leaderboard: rank, scheme, normalised area ± interval half-width, seeds and budgets."""
+    rows = []
+    for row in ranked.itertuples(index=False):
+        area = f"{row.area_mean:.4f}" if row.area_high == row.area_mean else (
+            f"{row.area_mean:.4f} ± {row.area_high - row.area_mean:.4f}")
+        rows.append((METRIC_LABELS.get(row.metric, row.metric), str(row.rank), row.scheme_label, area,
+                     str(row.seeds), str(row.budgets)))
+    header = ("metric", "rank", "scheme", "normalised area", "seeds", "budgets")
+    return Table(header, tuple(rows), "lrlrrr")
+
+
+def left_out_table(left_out: pd.DataFrame) -> Table:
+    """The scheme labels a panel's leaderboard does not rank, and why."""
+    rows = tuple((METRIC_LABELS.get(row.metric, row.metric), row.scheme_label, row.reason)
+                 for row in left_out.itertuples(index=False))
+    return Table(("metric", "scheme", "not ranked because"), rows, "lll")
+
+
+def reference_table(comparisons: pd.DataFrame) -> Table:
+    """One panel's published reference points beside our measurement of the same method, budget and metric."""
+    rows = []
+    for row in comparisons.itertuples(index=False):
+        if row.ours_seeds == 0:
+            ours, difference = "not run", "–"
+        else:
+            ours = f"{row.ours_mean:.4f}" if row.ours_high == row.ours_mean else (
+                f"{row.ours_mean:.4f} ± {row.ours_high - row.ours_mean:.4f}")
+            ours += f" ({row.ours_seeds} seed{'s' if row.ours_seeds != 1 else ''})"
+            difference = f"{row.difference:+.4f}"
+        source = f"{row.source} ({row.url})" if row.url else row.source
+        rows.append((row.scheme_label, str(row.budget), format_bytes(row.x_bytes), row.metric, f"{row.value:.4g}",
+                     ours, difference, source, row.note or "–"))
+    header = ("scheme", "budget", "at size", "metric", "reference", "embbench", "difference", "source", "note")
+    return Table(header, tuple(rows), "lllllrrll")

@@ -1,5 +1,6 @@
 """Summaries per group of result cells: means over seeds, Student-t confidence intervals and Pareto-front flags
-(``summarize_results``); ``mean_ci`` and ``t_quantile`` for a single sample."""
+(``summarize_results``); paired t-tests of each scheme against the best one per budget (``paired_comparisons``);
+``mean_ci``, ``t_quantile`` and ``paired_t_test`` for a single sample."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -139,3 +141,108 @@ def _t_central_probability(t: float, df: int) -> float:
         term *= cos_sq * (2 * j - 1) / (2 * j)
         total += term
     return math.sin(theta) * total
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired t-test of per-seed differences: their mean with its interval, t, the two-sided p-value."""
+
+    pairs: int
+    mean: float
+    low: float
+    high: float
+    t: float
+    p_value: float
+
+    def significant(self, confidence: float = CONFIDENCE) -> bool:
+        """Whether the mean difference differs from 0 at ``confidence`` (two-sided)."""
+        return self.p_value < 1.0 - confidence
+
+
+def paired_t_test(differences: Sequence[float], confidence: float = CONFIDENCE) -> PairedTest | None:
+    """Student's paired t-test of ``differences`` (one per seed, NaNs ignored) against 0; None below 2 pairs.
+
+    Equal non-zero differences (no spread) are significant (t = ±inf, p = 0); all-zero ones are not (p = 1).
+    """
+    data = np.asarray(differences, dtype=float)
+    data = data[~np.isnan(data)]
+    if len(data) < 2:
+        return None
+    mean, low, high = mean_ci(data, confidence)
+    spread = float(data.std(ddof=1))
+    if spread == 0.0:
+        t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / (spread / math.sqrt(len(data)))
+    return PairedTest(len(data), mean, low, high, t, t_two_sided_p(t, len(data) - 1))
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if math.isinf(t):
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - _t_central_probability(abs(t), df)))
+
+
+#: per-seed values of one metric: one row per panel, scheme label, budget and seed
+SEED_KEYS = [*PANEL_KEYS, "scheme_label", "budget", "seed"]
+
+
+def seed_values(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The ok cells' ``metric`` per (panel, scheme label, budget, seed), with ``size_bytes`` and ``budget_bytes``.
+
+    Rows of one seed that repeat (e.g. tuning trials) are averaged; cells without the metric are left out.
+    """
+    columns = [*SEED_KEYS, metric, "size_bytes", "budget_bytes"]
+    if not len(frame) or metric not in frame:
+        return pd.DataFrame(columns=columns)
+    ok = frame[text_column(frame, "status") == "ok"]
+    values = pd.DataFrame({
+        **{name: text_column(ok, name) for name in SEED_KEYS if name != "seed"},
+        "seed": number_column(ok, "seed"),
+        **{name: number_column(ok, name) for name in (metric, "size_bytes", "budget_bytes")},
+    })
+    values = values[values[metric].notna() & values["seed"].notna()]
+    if values.empty:
+        return pd.DataFrame(columns=columns)
+    return values.groupby(SEED_KEYS, sort=True, dropna=False).mean().reset_index()[columns]
+
+
+COMPARISON_COLUMNS = [
+    *PANEL_KEYS, "metric", "budget", "budget_bytes", "best", "scheme_label", "pairs", "difference_mean",
+    "difference_low", "difference_high", "t", "p_value", "significant",
+]
+
+
+def paired_comparisons(frame: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per panel, metric and budget, each scheme label against the best one there (highest mean over seeds).
+
+    The per-seed differences (scheme − best) of the seeds both ran (matched by ``seed``) are tested with
+    :func:`paired_t_test`; with fewer than two such seeds ``pairs`` is their count and the test columns are NaN
+    (``significant`` None). Budgets run by a single scheme label have no rows. Columns: ``COMPARISON_COLUMNS``,
+rows in panel, metric and budget-size order.
+    """
+    rows = []
+    for metric in METRIC_LABELS:
+        values = seed_values(frame, metric)
+        for keys, budget_cells in values.groupby([*PANEL_KEYS, "budget"], sort=False, dropna=False):
+            by_label = budget_cells.pivot_table(index="seed", columns="scheme_label", values=metric)
+            if by_label.shape[1] < 2:
+                continue
+            means = by_label.mean()
+            best = sorted(means.index, key=lambda label: (-means[label], label))[0]
+            for label in sorted(means.index):
+                if label == best:
+                    continue
+                paired = (by_label[label] - by_label[best]).dropna()
+                test = paired_t_test(paired.to_numpy(), confidence)
+                rows.append([
+                    *keys[:-1], metric, keys[-1], budget_cells["budget_bytes"].mean(), best, label, len(paired),
+                    *((test.mean, test.low, test.high, test.t, test.p_value, test.significant(confidence))
+                      if test else (math.nan,) * 5 + (None,)),
+                ])
+    comparisons = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    return comparisons.sort_values([*PANEL_KEYS, "metric", "budget_bytes", "budget", "scheme_label"],
+                                   ignore_index=True, kind="stable")
