@@ -49,7 +49,7 @@ from embbench.tasks import METRIC_COLUMNS, Task, TaskData, pool_batch
 from embbench.training import EpochRows, PlainStep, TrainConfig, TrainResult, TrainStep
 from embbench.vocabulary import VocabularyIndex, lookup_sorted
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Grouped by the kind of plugin that needs them; within a group, constants, then classes, then functions,
 # each sorted.

@@ -205,35 +205,61 @@ def run_group() -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to train each cell over (torchrun; gloo on CPU, nccl on GPU): tables sharded by "
                    "torchrec DistributedModelParallel, network schemes data-parallel.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Machines to train each cell over, --nproc processes on each: run the same command on every "
+                   "machine, with its own --node-rank (docs/cluster.md). Node 0 alone writes --db.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
+              help="This machine's number, 0 to NNODES-1; 0 is the machine at --rdzv-endpoint.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Where the machines of a --nnodes run meet: node 0's address and a free port there.")
+@click.option("--rdzv-id", default=None, help="Name of the run, the same on every machine.  [default: embbench]")
+@click.option("--rdzv-backend", type=click.Choice(["static", "c10d"]), default=None,
+              help="torchrun rendezvous: static numbers machines by --node-rank (node 0 writes --db); c10d numbers "
+                   "them as they join (then --db must be a path every machine can write).  [default: static]")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runner processes sharing the suite, each cell trained by one of them, each with 1/N of the "
                    "torch threads. Other runners on the same --db (other shells, other machines) share it too.")
+@click.option("--executor", type=click.Choice(["in-process", "ray"]), default="in-process", show_default=True,
+              help="Where cells train: here, or as Ray tasks (pip install 'embbench[ray]'; docs/cluster.md), each "
+                   "asking for as many CPUs as the torch threads it trains with; this process writes the results.")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="The Ray cluster to run on (`ray start --head` prints it); default: Ray started here.")
 def run_suite_command(
     suite: str, db: Path, data_dir: Path | None, quick: bool, no_progress: bool, rerun: bool, nproc: int,
-    workers: int,
+    workers: int, executor: str, address: str | None, nnodes: int, node_rank: int | None,
+    rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str | None,
 ) -> None:
     """Run every unfinished cell of SUITE (a built-in name or a .toml path) into the results database."""
-    from embbench.distributed.launch import launch, launched_by_torchrun
+    from embbench.distributed.launch import launch, launched_by_torchrun, resolve_nodes
     from embbench.errors import ConfigError
     from embbench.run.store import ResultStore
     from embbench.run.sweep import run_suite
 
+    nodes = resolve_nodes(nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
+    if nodes.several and (workers > 1 or executor == "ray"):
+        option = f"--workers {workers}" if workers > 1 else "--executor ray"
+        raise ConfigError(f"{option} cannot be combined with --nnodes {nnodes}: --nnodes trains each cell over "
+                          "several machines; use one of them")
     if workers > 1 and nproc > 1:
         raise ConfigError(
             f"--workers {workers} cannot be combined with --nproc {nproc}: --nproc trains each cell over several "
             "processes, --workers trains several cells at once; use one of them"
         )
-    if nproc > 1 and not launched_by_torchrun():
-        ResultStore(db).check(writable=True)  # refused here, once, rather than by every rank
+    if executor == "ray" and nproc > 1:
+        raise ConfigError(f"--nproc {nproc} cannot be combined with --executor ray: each Ray task trains its cells "
+                          "in one process (see docs/cluster.md); run without --nproc")
+    if (nproc > 1 or nodes.several) and not launched_by_torchrun():
+        if nodes.may_hold_rank_zero:  # refused here, once, rather than by every rank; other nodes never touch it
+            ResultStore(db).check(writable=True)
         # The children learn the world size from torchrun; "--nproc" itself would clash with torchrun's options.
         argv = ["-m", "embbench.cli", "run", "suite", suite, "--db", str(db)]
         argv += ["--data-dir", str(data_dir)] if data_dir is not None else []
         argv += ["--quick"] if quick else []
         argv += ["--no-progress"] if no_progress else []
         argv += ["--rerun"] if rerun else []
-        sys.exit(launch(nproc, argv))
+        sys.exit(launch(nproc, argv, nodes=nodes))
     summary = run_suite(suite, db=db, data_dir=data_dir, quick=quick, progress=not no_progress, rerun=rerun,
-                        workers=workers)
+                        workers=workers, executor=executor, address=address)
     from embbench.distributed import is_main
 
     if not is_main():
@@ -249,12 +275,48 @@ def run_suite_command(
         sys.exit(1)
 
 
+@main.command("merge")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prefer", type=click.Choice(["target", "source"]), default=None,
+              help="Settle conflicts (a cell ok in both, metrics differing): keep the target's row or take the "
+                   "source's. Without it, the target's row is kept and the command exits with code 1.")
+@click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Relative difference below which the metrics of two ok rows of a cell agree.")
+@click.option("--json", "as_json", is_flag=True, help="The summary and every conflict as JSON (a stable contract).")
+def merge_command(target: Path, sources: tuple[Path, ...], prefer: str | None, tolerance: float,
+                  as_json: bool) -> None:
+    """Import the cells of SOURCES (databases made on other machines; read, never changed) into TARGET, in one
+    transaction: one row per cell, ok rows preferred to failed or skipped ones, conflicts listed."""
+    from embbench.run.merge import merge_databases
+
+    summary = merge_databases(target, list(sources), prefer=prefer, tolerance=tolerance)
+    if as_json:
+        _echo_json(summary.as_dict())
+    else:
+        def counts(imported: int, kept: int, replaced: int, conflicts: int) -> str:
+            return f"{imported} imported, {kept} kept, {replaced} replaced, {conflicts} conflicts"
+
+        total = counts(summary.imported, summary.kept, summary.replaced, len(summary.conflicts))
+        click.echo(f"merged {len(summary.sources)} database(s) into {summary.target}: {total}")
+        for source in summary.sources:
+            click.echo(f"  {source.path}: {counts(source.imported, source.kept, source.replaced, source.conflicts)}")
+        for conflict in summary.conflicts:
+            what = ", ".join(f"{name} {mine} (target) vs {theirs} (source)"
+                             for name, (mine, theirs) in conflict.differences.items())
+            click.echo(f"  conflict: {conflict.cell} [{conflict.cell_key}] in {conflict.source}: {what}; "
+                       f"the {conflict.kept}'s row kept")
+    if summary.unresolved:
+        click.echo(f"{len(summary.conflicts)} conflict(s): the target's rows were kept; pass --prefer target or "
+                   "--prefer source to settle them", err=True)
+        sys.exit(1)
+
+
 def _results_frame(db: Path, suite: str | None) -> Any:
-    from embbench.run.record import RESULT_FIELDS
+    from embbench.run.record import result_frame
     from embbench.run.store import ResultStore
 
-    frame = ResultStore(db).frame(suite)
-    return frame[[c for c in RESULT_FIELDS if c in frame.columns]]
+    return result_frame(ResultStore(db).frame(suite))
 
 
 @main.command("results")
@@ -266,7 +328,13 @@ def results_command(db: Path, suite: str | None, as_json: bool, as_csv: bool) ->
     """Print stored results."""
     frame = _results_frame(db, suite)
     if as_json:
+        from embbench.run.record import JSON_VALUE_FIELDS
+
         records = json.loads(frame.to_json(orient="records"))
+        for record in records:  # e.g. history: the per-epoch objects, not their text
+            for name in JSON_VALUE_FIELDS:
+                if isinstance(record.get(name), str):
+                    record[name] = json.loads(record[name])
         _echo_json(records)
     elif as_csv:
         click.echo(frame.to_csv(index=False), nl=False)

@@ -1,6 +1,6 @@
 """The optimizers of an unsharded model: a table optimizer for rows a torch optimizer steps (sparse or dense
-table kernels; fused kernels update their rows in the backward pass), Adam for everything else, and the bytes
-of state each keeps.
+table kernels; fused kernels update their rows in the backward pass), Adam or AdamW for everything else, the
+bytes of state each keeps, and scaling all their learning rates (a schedule).
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from torch import nn
 
 from embbench.collection import FeatureEmbeddings
 from embbench.kernels import ADAGRAD_EPS
+
+#: optimizers of the dense parameters: "adamw" decays decoupled from the gradient (Loshchilov & Hutter; what
+#: weight_decay meant before the choice existed, hence the default), "adam" adds weight_decay * w to the gradient
+ADAM_VARIANTS = ("adamw", "adam")
 
 
 class SparseRowWiseAdagrad(torch.optim.Optimizer):
@@ -91,17 +95,27 @@ def model_embeddings(model: nn.Module) -> FeatureEmbeddings | None:
     return embeddings if isinstance(embeddings, FeatureEmbeddings) else None
 
 
-def dense_adam(groups: list[dict[str, Any]], weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam, or AdamW where ``weight_decay`` > 0 (decoupled decay; a group may set its own)."""
-    if weight_decay > 0:
+def dense_adam(
+    groups: list[dict[str, Any]], weight_decay: float = 0.0, optimizer: str = "adamw"
+) -> torch.optim.Optimizer:
+    """The dense parameters' Adam (a group may set its own ``weight_decay``): with ``weight_decay`` > 0, AdamW's
+    decoupled decay under ``adamw`` and Adam's L2 decay (added to the gradient) under ``adam``; without decay
+    both are plain ``torch.optim.Adam``."""
+    if optimizer not in ADAM_VARIANTS:
+        raise ValueError(f"dense optimizer must be one of {', '.join(ADAM_VARIANTS)}, got '{optimizer}'")
+    if weight_decay > 0 and optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    if weight_decay > 0:
+        return torch.optim.Adam(groups, weight_decay=weight_decay)
     return torch.optim.Adam(groups)
 
 
-def make_optimizers(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> Optimizers:
-    """Adam at ``learning_rate`` (AdamW with ``weight_decay``) for the dense parameters, and the table optimizer
-    the model's :class:`embbench.collection.TableTraining` names for table rows a torch optimizer steps
-    (tables never decay)."""
+def make_optimizers(
+    model: nn.Module, learning_rate: float, weight_decay: float = 0.0, optimizer: str = "adamw"
+) -> Optimizers:
+    """``optimizer`` (adamw or adam, see :func:`dense_adam`) at ``learning_rate`` with ``weight_decay`` for the
+    dense parameters, and the table optimizer the model's :class:`embbench.collection.TableTraining` names for
+    table rows a torch optimizer steps (tables never decay, also dense Adam's)."""
     embeddings = model_embeddings(model)
     training = embeddings.table_training if embeddings is not None else None
     tables = embeddings.table_parameters() if embeddings is not None and training is not None else []
@@ -109,14 +123,39 @@ def make_optimizers(model: nn.Module, learning_rate: float, weight_decay: float 
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
     dense_groups = [{"params": dense, "lr": learning_rate}] if dense else []
     if training is None or not tables:
-        return Optimizers(dense_adam(dense_groups, weight_decay) if dense else None, None)
+        return Optimizers(dense_adam(dense_groups, weight_decay, optimizer) if dense else None, None)
     if training.optimizer == "dense-adam":
         table_group = {"params": tables, "lr": training.learning_rate, "weight_decay": 0.0}
-        return Optimizers(dense_adam([*dense_groups, table_group], weight_decay), None)
+        return Optimizers(dense_adam([*dense_groups, table_group], weight_decay, optimizer), None)
     return Optimizers(
-        dense_adam(dense_groups, weight_decay) if dense else None,
+        dense_adam(dense_groups, weight_decay, optimizer) if dense else None,
         torch_optimizer(training.optimizer, tables, training.learning_rate),
     )
+
+
+def fused_kernels(model: nn.Module) -> list[Any]:
+    """The fbgemm kernels of the model's collection whose table optimizer is fused into backward (they have a
+    learning rate of their own, outside every torch optimizer)."""
+    embeddings = model_embeddings(model)
+    if embeddings is None or embeddings.tables is None:
+        return []
+    return [store.kernel_module for store in embeddings.tables.stores if getattr(store, "kernel", "") == "fused"]
+
+
+class LearningRateScale:
+    """Every learning rate of a model's optimizers at its initial value times a factor (a learning-rate
+    schedule): each param group of ``optimizers`` (DMP's fused optimizer too: its ``step()`` hands the rate to
+    its kernels) and each fused fbgemm kernel in ``kernels`` (``set_learning_rate``)."""
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer], kernels: Iterable[Any] = ()) -> None:
+        self._groups = [(group, group["lr"]) for optimizer in optimizers for group in optimizer.param_groups]
+        self._kernels = [(kernel, kernel.get_learning_rate()) for kernel in kernels]
+
+    def set_scale(self, scale: float) -> None:
+        for group, initial in self._groups:
+            group["lr"] = initial * scale
+        for kernel, initial in self._kernels:
+            kernel.set_learning_rate(initial * scale)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer | None, parameters: Iterable[nn.Parameter] | None = None) -> int:

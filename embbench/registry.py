@@ -60,7 +60,7 @@ class PluginInfo:
 
     @property
     def origin(self) -> str:
-        """``"distribution version"``, e.g. ``"embbench 0.1.0"`` (each of them, for a name registered twice)."""
+        """``"distribution version"``, e.g. ``"embbench 0.2.0"`` (each of them, for a name registered twice)."""
         distributions, versions = self.distribution.split(" / "), self.version.split(" / ")
         if len(distributions) != len(versions):
             return f"{self.distribution} {self.version}"

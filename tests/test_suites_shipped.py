@@ -20,7 +20,7 @@ SHIPPED = sorted(builtin_suites())
 DATA_FOLDERS = {"movielens-100k": "movielens-100k", "movielens-1m": "movielens-1m",
                 "movielens-latest": "movielens-latest-small", "criteo": "criteo-sample", "avazu": "avazu-sample"}
 GENERATED = {"synthetic", "synthetic-ctr"}
-PAPER_SUITES = ("dhe-paper-budgets", "dhe-paper-ablations", "bh-paper", "efficiency")
+PAPER_SUITES = ("dhe-paper-budgets", "dhe-paper-ablations", "bh-paper", "efficiency", "peer-cce-ml1m")
 
 
 @pytest.fixture(scope="module")

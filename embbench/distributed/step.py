@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 from embbench.distributed.info import ShardingInfo, sharding_info, unwrap
 from embbench.distributed.state import full_state_dict, load_full_state_dict
 from embbench.distributed.wrap import shard_model
-from embbench.optimizers import dense_adam, torch_optimizer
+from embbench.optimizers import LearningRateScale, dense_adam, torch_optimizer
 
 DENSE_OPTIMIZERS = ("adam", "sgd", "adagrad")
 
@@ -75,18 +75,19 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def make_optimizers(
     model: nn.Module, dense_optimizer: str = "adam", dense_learning_rate: float | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, decay: str = "adamw",
 ) -> Optimizers:
     """Optimizers for a model returned by ``shard_model``: the fused table optimizer DMP holds, a regular
     optimizer for data-parallel tables, and ``dense_optimizer`` (adam, sgd or adagrad) at
-    ``dense_learning_rate`` (default: the table learning rate) for everything else."""
+    ``dense_learning_rate`` (default: the table learning rate) for everything else (Adam's ``weight_decay``
+    decoupled under ``decay`` adamw, L2 under adam: :func:`embbench.optimizers.dense_adam`)."""
     if dense_optimizer not in DENSE_OPTIMIZERS:
         raise ValueError(f"unknown dense optimizer '{dense_optimizer}'; expected one of: {', '.join(DENSE_OPTIMIZERS)}")
     info = sharding_info(model)
     lr = info.learning_rate if dense_learning_rate is None else dense_learning_rate
     dense_params = dense_parameters(model)
     if dense_optimizer == "adam" and dense_params:
-        dense = dense_adam([{"params": dense_params, "lr": lr}], weight_decay)
+        dense = dense_adam([{"params": dense_params, "lr": lr}], weight_decay, decay)
     else:
         dense = torch_optimizer(dense_optimizer, dense_params, lr, sparse_gradients=False) if dense_params else None
     fused = replicated = None
@@ -224,7 +225,10 @@ class ShardedStep:
         self.device = placement.device
         self.wrapped = shard_model(model, placement.sharding, tables.optimizer, tables.learning_rate, self.device)
         self.info = sharding_info(self.wrapped)
-        self.optimizers = make_optimizers(self.wrapped, "adam", config.learning_rate, config.weight_decay)
+        self.optimizers = make_optimizers(
+            self.wrapped, "adam", config.learning_rate, config.weight_decay, getattr(config, "optimizer", "adamw")
+        )
+        self._learning_rates = LearningRateScale(self.optimizers.all())
         self._after_first_step = after_first_step
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> float:
@@ -239,3 +243,10 @@ class ShardedStep:
 
     def restore(self, state: dict[str, Any]) -> None:
         load_full_state_dict(self.wrapped, state)
+
+    def set_learning_rate_scale(self, scale: float) -> None:
+        """Every learning rate at its initial value times ``scale`` (the fused tables' handed to their kernels by
+        their optimizer's ``step()``, which does nothing else: the rows were updated in backward)."""
+        self._learning_rates.set_scale(scale)
+        if self.optimizers.fused is not None:
+            self.optimizers.fused.step()

@@ -35,6 +35,8 @@ class Cell:
     world_size: int = 1
     threads: int = 1
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: a tuning trial or a tuned cell: the search space, the trial and its values (see embbench.run.tuning)
+    tuning: Mapping[str, Any] | None = None
 
     def __getitem__(self, name: str) -> Any:
         return self.settings[name]
@@ -68,7 +70,10 @@ class Cell:
         return "table-wise" if self.settings["sharding"] == "auto" else self.settings["sharding"]
 
     def training_config(self) -> TrainConfig:
-        return TrainConfig(**{s.name: self.settings[s.name] for s in SETTINGS if s.role == TRAINING})
+        """The cell's training configuration; a tuning trial never evaluates the test split."""
+        trial = self.tuning is not None and self.tuning.get("role") == "trial"
+        settings = {s.name: self.settings[s.name] for s in SETTINGS if s.role == TRAINING}
+        return TrainConfig(**settings, evaluate_test=not trial)
 
     def config(self) -> dict[str, Any]:
         """The cell as stored with its result (``config_json``): its identity plus the entries' labels."""
@@ -96,6 +101,8 @@ class Cell:
                 continue
             identity[name] = value
         identity.update(world_size=self.world_size, threads=self.threads, provenance=dict(self.provenance))
+        if self.tuning is not None:
+            identity["tuning"] = dict(self.tuning)
         return identity
 
     @property
@@ -119,9 +126,10 @@ class Cell:
         backend = "" if self.settings["backend"] == "auto" else f"/{self.settings['backend']}"
         if self.sharded:
             backend += f"/{self.sharding_type}x{self.world_size}"
-        return (
-            f"{self.dataset.label}/{self.model.label}/{self.label}@{self.budget}/{self.device}{backend}/seed{self.seed}"
-        )
+        label = self.label
+        if self.tuning is not None and self.tuning.get("role") == "trial":
+            label += f" [trial {self.tuning['trial']}]"
+        return f"{self.dataset.label}/{self.model.label}/{label}@{self.budget}/{self.device}{backend}/seed{self.seed}"
 
 
 def expand(suite: Suite, world_size: int, provenance: Mapping[str, Any], threads: int) -> list[Cell]:

@@ -28,10 +28,11 @@ from embbench.run.cells import Cell
 from embbench.run.record import SHARED_FIELDS
 from embbench.run.resolve import Run
 from embbench.run.settings import BASE_PRECISION
+from embbench.run.tuning import tuning_record
 from embbench.schemes import FeatureSpec, build_planned, full_table_bytes
 from embbench.tables import TableInit, initialise_tables
 from embbench.tasks import Task, TaskData, metric_record
-from embbench.training import PlainStep
+from embbench.training import PlainStep, TrainConfig, TrainResult
 
 
 def now() -> str:
@@ -79,6 +80,7 @@ def base_record(cell: Cell, run: Run, features: dict[str, FeatureSpec]) -> dict[
         "device": cell.device,
         "seed": cell.seed,
         "config_json": cell.config(),
+        **tuning_record(cell),
         "provenance_json": dict(cell.provenance),
         "plan_json": {
             name: {
@@ -178,12 +180,13 @@ def _train(
             status="ok",
             **metric_record("test", result.test),
             **metric_record("val", result.validation),
-            dense_optimizer="adam",
+            dense_optimizer=_dense_optimizer(run.training),
             train_seconds=result.train_seconds,
             eval_seconds=result.eval_seconds,
             epochs_run=len(result.history),
             best_epoch=result.best_epoch,
             history_json=result.history,
+            **_regime_record(run.training, result),
             train_examples_per_second=result.examples_per_second,
             peak_memory_bytes=first_step.get("bytes"),
             # the whole process (data included) while building and training this cell
@@ -201,6 +204,26 @@ def _train(
         model = None
     record.update(wall_seconds=time.perf_counter() - started, finished_at=now())
     return record, model
+
+
+def _dense_optimizer(config: TrainConfig) -> str:
+    """The torch optimizer the dense parameters trained with: AdamW only where it decayed them decoupled."""
+    return "adamw" if config.optimizer == "adamw" and config.weight_decay > 0 else "adam"
+
+
+def _regime_record(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    """The regime columns: how the tested epoch was chosen, the one-epoch model's metrics, and when the watched
+    validation metric reached the target."""
+    target = result.target
+    return {
+        "early_stopping": config.early_stopping,
+        **metric_record("one_epoch_test", result.one_epoch_test),
+        **metric_record("one_epoch_val", result.one_epoch_validation),
+        "target_val_metric": config.target_val_metric,
+        "epochs_to_target": None if target is None else target.epochs,
+        "seconds_to_target": None if target is None else target.seconds,
+        "steps_to_target": None if target is None else target.steps,
+    }
 
 
 def _latency_record(

@@ -6,6 +6,7 @@ whether the report groups rows by it, and whether a quantised row takes it from 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from embbench.tasks import METRIC_COLUMNS
 
@@ -19,6 +20,12 @@ class Column:
     json: bool = False  # stored as JSON text
     group: int = 0  # the report groups rows (seeds) by the columns with group > 0, in this order
     shared: bool = False  # a quantised row of the same training run takes it from the fp32 row
+    field: str = ""  # its name in `embbench results` when not the column's (e.g. history_json -> history)
+    json_value: bool = False  # `results --json` gives the JSON value itself, not its text (CSV: the text)
+
+    @property
+    def result_field(self) -> str:
+        return self.field or self.name
 
 
 def _metric_columns() -> list[Column]:
@@ -72,6 +79,27 @@ _PUBLIC = [
     Column("world_size", "INTEGER", "processes", shared=True),
     Column("plan_json", "TEXT", "each feature's plan: parameters, size, budget, unseen-ID handling, notes",
            json=True, shared=True),
+    Column("early_stopping", "TEXT",
+           "the regime of the test_ and val_ metrics: the validation metric early stopping chose the tested epoch "
+           "by, or none (the last epoch)", shared=True),
+    *[Column(f"one_epoch_{split}_{column}", "REAL", f"{split} {metric} of the model right after epoch 1 (a regime)",
+             shared=True)
+      for split in ("test", "val") for metric, column in METRIC_COLUMNS.items()],
+    Column("target_val_metric", "REAL",
+           "the validation target of the early-stopping metric (auc under early_stopping none); NULL: none",
+           shared=True),
+    Column("epochs_to_target", "INTEGER", "the first epoch whose validation metric reached the target (NULL: never)",
+           shared=True),
+    Column("seconds_to_target", "REAL", "training seconds until the end of that epoch", shared=True),
+    Column("steps_to_target", "INTEGER", "optimizer steps until the end of that epoch", shared=True),
+    Column("history_json", "TEXT",
+           "every epoch: epoch, loss, train_seconds, steps, learning_rate (dense) and the val_ metrics",
+           json=True, shared=True, field="history", json_value=True),
+    Column("tuning", "TEXT", "trial (a tuning trial: validation only, never tested) or selected (a point's chosen "
+           "configuration, its scheme label ending ' (tuned)'); NULL: untuned", shared=True),
+    Column("trial", "INTEGER", "the trial (a trial row) or the chosen trial (a selected row)", shared=True),
+    Column("tuning_json", "TEXT", "the search: trials per point, sampler seed, selection metric, space, values",
+           json=True, shared=True, field="tuning_search", json_value=True),
 ]
 _PRIVATE = [
     Column("cell_key", "TEXT PRIMARY KEY", "hash of the cell's identity", public=False),
@@ -87,7 +115,6 @@ _PRIVATE = [
            json=True, shared=True),
     Column("config_json", "TEXT NOT NULL", "the cell's configuration (its identity and labels)", public=False,
            json=True),
-    Column("history_json", "TEXT", "metrics and seconds of every epoch", public=False, json=True, shared=True),
     Column("latency_json", "TEXT", "every latency measurement", public=False, json=True),
     Column("environment_json", "TEXT", "library versions and hardware", public=False, json=True, shared=True),
     Column("host", "TEXT", "host name", public=False, shared=True),
@@ -99,11 +126,22 @@ BY_NAME = {column.name: column for column in RECORD}
 COLUMNS: dict[str, str] = {column.name: column.sql for column in RECORD}
 JSON_COLUMNS = tuple(column.name for column in RECORD if column.json)
 #: `embbench results --json/--csv` fields, in contract order
-RESULT_FIELDS = [column.name for column in RECORD if column.public]
+RESULT_FIELDS = [column.result_field for column in RECORD if column.public]
+#: public fields whose JSON text `results --json` gives as the value itself
+JSON_VALUE_FIELDS = tuple(column.result_field for column in RECORD if column.public and column.json_value)
 #: the columns a report groups seeds by
 GROUP_KEYS = [column.name for column in sorted(RECORD, key=lambda c: c.group) if column.group]
 #: what a quantised row takes from its training run
 SHARED_FIELDS = tuple(column.name for column in RECORD if column.shared)
 
+
+def result_frame(frame: Any) -> Any:
+    """The `embbench results` fields of stored rows (a :meth:`ResultStore.frame` DataFrame): the public columns
+    under their field names, in contract order."""
+    renamed = frame.rename(columns={c.name: c.result_field for c in RECORD if c.public and c.field})
+    return renamed[[name for name in RESULT_FIELDS if name in renamed.columns]]
+
+
 assert len(BY_NAME) == len(RECORD), "a column is declared twice"
+assert len(set(RESULT_FIELDS)) == len(RESULT_FIELDS), "a results field is declared twice"
 assert {f"{s}_{c}" for s in ("test", "val") for c in METRIC_COLUMNS.values()} <= set(BY_NAME), "a metric lacks a column"

@@ -6,6 +6,7 @@ reason it cannot run here. Nothing downstream re-parses, re-plans or reads the e
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from embbench import registry
 from embbench.collection import FUSED_OPTIMIZERS, TableTraining, torchrec_available
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError, PluginError
 from embbench.run.cells import Cell
-from embbench.run.settings import BASE_PRECISION
-from embbench.schemes import Budget, FeatureSpec, Scheme, SchemePlan
+from embbench.run.settings import BASE_PRECISION, BUDGET_SPLITS
+from embbench.schemes import Budget, FeatureSpec, Scheme, SchemePlan, full_table_bytes
 from embbench.tasks import Task, TaskData
 from embbench.training import TrainConfig
 
@@ -27,15 +28,41 @@ from embbench.training import TrainConfig
 MEMORY_HEADROOM = 0.8
 
 
-def plan_features(scheme: Scheme, features: Mapping[str, FeatureSpec], budget: Budget) -> dict[str, SchemePlan]:
+def allocate(budget: Budget, features: Mapping[str, FeatureSpec], split: str = "proportional") -> dict[str, int]:
+    """Bytes for each feature of ``budget`` over all ``features`` together.
+
+    ``proportional`` is :meth:`Budget.allocate` (a fraction of each feature's full table; bytes in proportion to
+    the full tables). ``equal`` gives every feature the same bytes: absolute bytes, or the fraction of the sum of
+    the full tables, divided by the number of features; a feature whose full table is smaller keeps its full
+    table's size, and what it leaves is not handed to the others (a reference's "parameters per dimension":
+    the same table size for every feature, capped at its vocabulary).
+    """
+    if split == "proportional":
+        return budget.allocate(features)
+    if split != "equal":
+        raise ValueError(f"budget split must be one of {', '.join(BUDGET_SPLITS)}, got '{split}'")
+    full = {name: full_table_bytes(f.vocabulary, f.dim) for name, f in features.items()}
+    if budget.absolute_bytes is not None:
+        total = budget.absolute_bytes
+    else:
+        assert budget.fraction is not None
+        total = math.floor(sum(full.values()) * budget.fraction)
+    each = total // max(len(features), 1)
+    return {name: min(each, size) for name, size in full.items()}
+
+
+def plan_features(
+    scheme: Scheme, features: Mapping[str, FeatureSpec], budget: Budget, split: str = "proportional"
+) -> dict[str, SchemePlan]:
     """Plans of ``scheme`` for every feature within ``budget`` for all of them together.
 
-    Each feature first gets its share (:meth:`Budget.allocate`). A feature whose share is below the scheme's
-    smallest module (a field of three IDs, say) gets that minimum instead, and the other features share what
-    is left in the same proportions; repeated until every feature fits, or the budget cannot hold the
-    minimums (BudgetTooSmall). A plan that raises anything else is one clean error naming the scheme.
+    Each feature first gets its share (:func:`allocate`: ``split`` proportional or equal). A feature whose share
+    is below the scheme's smallest module (a field of three IDs, say) gets that minimum instead, and the other
+    features share what is left in the same proportions; repeated until every feature fits, or the budget
+    cannot hold the minimums (BudgetTooSmall). A plan that raises anything else is one clean error naming the
+    scheme.
     """
-    shares = budget.allocate(features)
+    shares = allocate(budget, features, split)
     total = sum(shares.values())
     floors: dict[str, int] = {}
     for _ in range(len(features) + 1):
@@ -211,7 +238,7 @@ def resolve_runs(
     scheme cannot meet is a ConfigError naming the entry, the budget and the dataset.
     """
     schemes: dict[str, Scheme] = {}
-    plans: dict[tuple[str, str, str], dict[str, SchemePlan]] = {}
+    plans: dict[tuple[str, str, str, str], dict[str, SchemePlan]] = {}
     runs: dict[str, list[Cell]] = {}
     for cell in cells:
         runs.setdefault(cell.trained.key, []).append(cell)
@@ -223,10 +250,11 @@ def resolve_runs(
             schemes[entry.where] = registry.create("schemes", entry.name, where=entry.where, **entry.params)
         scheme = schemes[entry.where]
         features = data[cell.dataset.label].features
-        plan_key = (entry.where, cell.budget, cell.dataset.label)
+        split = cell["budget_split"]
+        plan_key = (entry.where, cell.budget, cell.dataset.label, split)
         if plan_key not in plans:
             try:
-                plans[plan_key] = plan_features(scheme, features, Budget.parse(cell.budget))
+                plans[plan_key] = plan_features(scheme, features, Budget.parse(cell.budget), split)
             except BudgetTooSmall as exc:
                 raise ConfigError(f"{entry.where} at budget {cell.budget} on {cell.dataset.label}: {exc}") from None
             except EmbbenchError as exc:

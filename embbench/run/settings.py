@@ -12,9 +12,10 @@ from typing import Any
 
 from embbench.collection import TABLE_OPTIMIZERS
 from embbench.errors import ConfigError, closest
+from embbench.optimizers import ADAM_VARIANTS
 from embbench.schemes import Budget
 from embbench.tables import DEFAULT_INIT_STD, INIT_KINDS
-from embbench.training import EARLY_STOPPING_METRICS
+from embbench.training import EARLY_STOPPING, LR_SCHEDULES
 
 #: roles: what a setting is for
 META = "meta"  # describes the suite; not part of any cell
@@ -33,6 +34,8 @@ SHARDINGS = ("auto", "data-parallel", "table-wise", "row-wise", "column-wise", "
 #: the largest values a 24 GB machine is asked to honour
 MAX_DIM = 1 << 16
 MAX_SEED = 2**31 - 1
+#: how a budget is shared over a cell's features: in proportion to their full tables, or equal bytes each
+BUDGET_SPLITS = ("proportional", "equal")
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("patience", "int", 2, TRAINING, "epochs without validation improvement before stopping",
             minimum=1, maximum=100_000),
     Setting("weight_decay", "float", 0.0, TRAINING,
-            "decoupled (AdamW) weight decay of the dense parameters; 0 is plain Adam; tables never decay",
-            minimum=0.0, maximum=1.0),
-    Setting("early_stopping", "str", "auc", TRAINING, "validation metric to stop on: auc, hr@10 (ranking), logloss",
-            choices=EARLY_STOPPING_METRICS),
+            "weight decay of the dense parameters (decoupled under optimizer adamw, L2 under adam); 0 is plain "
+            "Adam; tables never decay", minimum=0.0, maximum=1.0),
+    Setting("early_stopping", "str", "auc", TRAINING,
+            "validation metric to stop on: auc, hr@10 (ranking), logloss; none trains every epoch and tests the last",
+            choices=EARLY_STOPPING),
+    Setting("optimizer", "str", "adamw", TRAINING,
+            "optimizer of the dense parameters: adamw (weight_decay decoupled, as before this setting) or adam "
+            "(weight_decay added to the gradient, L2); the same without weight_decay",
+            choices=ADAM_VARIANTS, omit_default=True),
+    Setting("lr_schedule", "str", "none", TRAINING,
+            "learning-rate schedule of every optimizer: none, reduce-on-plateau (of the early-stopping metric; "
+            "auc when early_stopping is none)", choices=LR_SCHEDULES, omit_default=True),
+    Setting("lr_plateau_factor", "float", 0.5, TRAINING,
+            "reduce-on-plateau: the factor every learning rate is multiplied by", positive=True, maximum=1.0,
+            omit_default=True),
+    Setting("lr_plateau_patience", "int", 1, TRAINING,
+            "reduce-on-plateau: epochs without validation improvement before the learning rates drop",
+            minimum=1, maximum=100_000, omit_default=True),
+    Setting("target_val_metric", "float", None, TRAINING,
+            "a validation value of the early-stopping metric (auc when early_stopping is none) to record the "
+            "epochs, training seconds and steps to reach (epochs_to_target, ...); default: none",
+            minimum=-1e6, maximum=1e6, omit_default=True),
+    Setting("budget_split", "str", "proportional", CELL,
+            "how a budget is shared over a cell's features: proportional (to their full tables) or equal (bytes)",
+            choices=BUDGET_SPLITS, omit_default=True),
     Setting("budgets", "budget", ["1"], AXIS, "size budgets: fractions of the full tables ('1/4') or bytes ('64MB')",
             cell_name="budget"),
     Setting("devices", "str", ["cpu"], AXIS, "devices: cpu, cuda, auto", choices=DEVICES, cell_name="device"),
@@ -120,12 +144,12 @@ BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
 ENTRY_SECTIONS: dict[str, tuple[str, ...]] = {
     "datasets": ("name", "params", "label"),
     "models": ("name", "params", "label"),
-    "schemes": ("name", "params", "label", "budgets"),
+    "schemes": ("name", "params", "label", "budgets", "search"),
 }
 #: the keys of a [[references]] entry (a published number to compare with; not part of any cell): required
 #: first, then optional
 REFERENCE_KEYS = ("source", "method", "budget", "metric", "value", "note", "url", "size_bytes", "dataset", "model")
-TOP_LEVEL_KEYS = (*BY_NAME, *ENTRY_SECTIONS, "references", "quick")
+TOP_LEVEL_KEYS = (*BY_NAME, *ENTRY_SECTIONS, "references", "tuning", "quick")
 
 
 def defaults() -> dict[str, Any]:

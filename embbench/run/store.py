@@ -207,6 +207,44 @@ class ResultStore:
         finally:
             connection.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The database (created, or its tables upgraded, where need be) in one write transaction: everything
+        done on the connection is committed together when the block ends, or nothing when it raises."""
+        with self._connect(create=True) as connection, _transaction(connection):
+            yield connection
+
+    @contextmanager
+    def read_only(self) -> Iterator[sqlite3.Connection]:
+        """A connection that cannot write to this existing database, checked first as :meth:`check` checks it
+        (not SQLite, damaged, another program's, a newer schema): for reading a database made elsewhere
+        without changing it or creating anything beside it."""
+        path = self.path
+        try:
+            if not path.is_file():
+                what = "is a folder, not a file" if path.exists() else "does not exist"
+                raise EmbbenchError(f"results database {path} {what}; pass the path of an embbench results database")
+            with path.open("rb") as file:  # this process holds no connection to it, hence no lock to lose
+                header = file.read(100)
+        except OSError as exc:
+            raise EmbbenchError(f"cannot read results database {path}: {exc.strerror or exc}") from None
+        # SQLite opens a WAL database read-only by creating -wal and -shm files beside it. Without a WAL file
+        # (no writer at work) every row is in the file itself, which is then read as immutable: nothing created.
+        wal_mode = len(header) == 100 and header[18] == 2
+        quiet = wal_mode and not path.with_name(path.name + "-wal").exists()
+        uri = f"{path.resolve().as_uri()}?{'immutable=1' if quiet else 'mode=ro'}"
+        try:
+            connection = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise EmbbenchError(f"cannot open results database {path}: {exc}") from None
+        try:
+            self._inspect(connection)
+            yield connection
+        except sqlite3.DatabaseError as exc:
+            raise EmbbenchError(f"results database {path} is unreadable: {exc}") from None
+        finally:
+            connection.close()
+
     @staticmethod
     def _create_tables(connection: sqlite3.Connection) -> None:
         """Tables and columns, created or upgraded in one transaction; another process may be doing the same,
@@ -270,6 +308,23 @@ class ResultStore:
                     "UPDATE leases SET finished_at = ? WHERE cell_key = ? AND owner = ?",
                     (time.time(), row["cell_key"], lease_owner),
                 )
+
+    def rows(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored rows of ``keys`` (those that have one), by key, as plain values (JSON columns as text)."""
+        if not keys or not self.path.exists():
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        with self._connect() as connection:
+            connection.row_factory = sqlite3.Row
+            for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+                chunk = list(keys[start:start + 500])
+                marks = ", ".join("?" for _ in chunk)
+                try:
+                    rows = connection.execute(f"SELECT * FROM cells WHERE cell_key IN ({marks})", chunk).fetchall()
+                except sqlite3.OperationalError:
+                    return {}
+                found.update({row["cell_key"]: dict(row) for row in rows})
+        return found
 
     def frame(self, suite: str | None = None) -> pd.DataFrame:
         """All stored cells (optionally of one suite) as a DataFrame, oldest first."""

@@ -7,6 +7,7 @@ field. See docs/suites.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +22,7 @@ from embbench.run.settings import (
     BY_NAME,
     ENTRY_SECTIONS,
     META,
+    REFERENCE_KEYS,
     SETTINGS,
     TOP_LEVEL_KEYS,
     check_keys,
@@ -31,7 +33,12 @@ from embbench.run.settings import (
     toml_key,
     toml_value,
 )
+from embbench.run.tuning import Dimension, Tuning, parse_space, parse_tuning, space_table, tuning_table
 from embbench.schemes import Budget
+from embbench.tasks import METRIC_COLUMNS
+
+#: the result columns a [[references]] entry may compare: test_auc, val_auc, test_hr10, ...
+REFERENCE_METRICS = tuple(f"{split}_{column}" for split in ("test", "val") for column in METRIC_COLUMNS.values())
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,30 @@ class Entry:
     label: str
     where: str
     budgets: tuple[str, ...] = ()
+    #: a scheme entry's own search dimensions (added to the suite's [tuning] space)
+    search: tuple[Dimension, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published number a suite compares with (a ``[[references]]`` entry); not part of any cell.
+
+    ``label`` is the scheme label ``method`` names (a label, or the name of exactly one scheme entry);
+    ``budget`` is the budget's canonical text, as the cells store it; ``dataset``/``model`` (labels) narrow
+    the panels it applies to (None: every panel of the suite); ``size_bytes`` is a size the source states.
+    """
+
+    source: str
+    method: str
+    label: str
+    budget: str
+    metric: str
+    value: float
+    note: str = ""
+    url: str = ""
+    size_bytes: int | None = None
+    dataset: str | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -59,6 +90,9 @@ class Suite:
     models: list[Entry]
     schemes: list[Entry]
     quick: dict[str, Any] = field(default_factory=dict)
+    references: tuple[Reference, ...] = ()
+    #: the [tuning] table: trials per point, sampler seed, search space (None: no tuning)
+    tuning: Tuning | None = None
 
     def cells(self, world_size: int = 1, provenance: Mapping[str, Any] | None = None, threads: int = 1) -> list[Any]:
         """The suite's cells for a run over ``world_size`` processes (see :func:`embbench.run.cells.expand`)."""
@@ -99,6 +133,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: cannot read suite file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start}); save the suite file as UTF-8") from None
+    return _load_toml(text, where)
+
+
+def _load_toml(text: str, where: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -133,27 +171,121 @@ def _entries(raw: Mapping[str, Any], section: str, where: str) -> list[Entry]:
         budgets: tuple[str, ...] = ()
         if "budgets" in item:
             budgets = tuple(check_setting(BY_NAME["budgets"], item["budgets"], spot))
-        entries.append(Entry(item["name"], params, label, f"{spot} ({item['name']})", budgets))
+        search: tuple[Dimension, ...] = ()
+        if "search" in item:
+            search = parse_space(item["search"], f"{spot}: search")
+        entries.append(Entry(item["name"], params, label, f"{spot} ({item['name']})", budgets, search))
     return entries
+
+
+def _text_field(item: Mapping[str, Any], key: str, spot: str, default: str | None = "") -> Any:
+    value = item.get(key, default)
+    if value is not default and not (isinstance(value, str) and value.strip()):
+        raise ConfigError(f"{spot}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _references(
+    raw: Mapping[str, Any], where: str, settings: Mapping[str, Any], quick: Mapping[str, Any],
+    datasets: list[Entry], models: list[Entry], schemes: list[Entry],
+) -> tuple[Reference, ...]:
+    """The [[references]] entries, each checked against the suite: its method names a scheme entry, its
+    budget is one that entry runs (with or without --quick), its metric is a result column."""
+    items = raw.get("references", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: 'references' must be a list of [[references]] tables")
+    labels = {entry.label: entry for entry in schemes}
+    references = []
+    for index, item in enumerate(items):
+        spot = f"{where}: references[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f'{spot}: must be a table like [[references]] source = "..."')
+        check_keys(item, REFERENCE_KEYS, where, f"[[references]] entry {index}")
+        for key in REFERENCE_KEYS[:5]:
+            if key not in item:
+                raise ConfigError(f"{spot}: '{key}' is required (keys: {', '.join(REFERENCE_KEYS[:5])})")
+        source, method, metric = (_text_field(item, key, spot, None) for key in ("source", "method", "metric"))
+        note, url = _text_field(item, "note", spot), _text_field(item, "url", spot)
+        if method in labels:
+            entry = labels[method]
+        else:
+            named = [entry for entry in schemes if entry.name == method]
+            if not named:
+                raise ConfigError(f"{spot}: method '{method}' is no scheme label or name of this suite"
+                                  f"{closest(method, [*labels, *(e.name for e in schemes)])}; use one of: "
+                                  f"{', '.join(labels)}")
+            if len(named) > 1:
+                raise ConfigError(f"{spot}: method '{method}' names {len(named)} scheme entries; give one of their "
+                                  f"labels: {', '.join(e.label for e in named)}")
+            entry = named[0]
+        if metric not in REFERENCE_METRICS:
+            raise ConfigError(f"{spot}: unknown metric '{metric}'{closest(metric, REFERENCE_METRICS)}; use one of "
+                              f"{', '.join(REFERENCE_METRICS)}")
+        value = item["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{spot}: 'value' must be a finite number, got {value!r}")
+        size_bytes = item.get("size_bytes")
+        if size_bytes is not None and (isinstance(size_bytes, bool) or not isinstance(size_bytes, int)
+                                       or size_bytes < 1):
+            raise ConfigError(f"{spot}: 'size_bytes' must be a positive integer (bytes), got {size_bytes!r}")
+        budget = item["budget"]
+        if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
+            raise ConfigError(f"{spot}: 'budget' must be a budget like the suite's, got {budget!r}")
+        try:
+            budget = str(Budget.parse(budget))
+        except ConfigError as exc:
+            raise ConfigError(f"{spot}: {exc}") from None
+        runs = list(entry.budgets) or list(dict.fromkeys([*settings["budgets"], *quick.get("budgets", [])]))
+        if budget not in runs:
+            raise ConfigError(f"{spot}: budget '{item['budget']}' is not one that scheme '{entry.label}' runs; "
+                              f"write it like one of: {', '.join(runs)}")
+        scope = {}
+        for key, entries in (("dataset", datasets), ("model", models)):
+            scope[key] = _text_field(item, key, spot, None)
+            known = [e.label for e in entries]
+            if scope[key] is not None and scope[key] not in known:
+                raise ConfigError(f"{spot}: {key} '{scope[key]}' is no {key} label of this suite"
+                                  f"{closest(scope[key], known)}; use one of: {', '.join(known)}")
+        references.append(Reference(source, method, entry.label, budget, metric, float(value), note, url,
+                                    size_bytes, scope["dataset"], scope["model"]))
+    return tuple(references)
 
 
 def parse_suite(path: Path, quick: bool = False) -> Suite:
     """Read and validate a suite file (its schema; plugin names and parameters are checked by the runner)."""
+    return _parse_document(read_toml(path), path, quick)
+
+
+def parse_suite_text(text: str, path: Path, quick: bool = False) -> Suite:
+    """Validate a suite file's text; ``path`` names it in errors (and gives the name when the text has none)."""
+    return _parse_document(_load_toml(text, str(path)), path, quick)
+
+
+def _parse_document(raw: dict[str, Any], path: Path, quick: bool) -> Suite:
     where = str(path)
-    raw = read_toml(path)
     check_keys(raw, TOP_LEVEL_KEYS, where, "the top level")
     values = parse_settings(raw, where, quick)
     quick_table = raw.get("quick", {})
+    quick_values = {key: check_setting(BY_NAME[key], value, where) for key, value in quick_table.items()}
+    datasets, models = _entries(raw, "datasets", where), _entries(raw, "models", where)
+    schemes = _entries(raw, "schemes", where)
+    tuning = parse_tuning(raw.get("tuning"), where)
+    if tuning is None and any(entry.search for entry in schemes):
+        raise ConfigError(f"{where}: a scheme entry has a 'search' space but the suite has no [tuning] table "
+                          "(add [tuning] trials = N)")
+    written = parse_settings(raw, where, False) if quick else values
     return Suite(
         name=values.pop("name") or path.stem,
         path=path,
         description=values.pop("description"),
         reference=values.pop("reference"),
         settings=values,
-        datasets=_entries(raw, "datasets", where),
-        models=_entries(raw, "models", where),
-        schemes=_entries(raw, "schemes", where),
-        quick={key: check_setting(BY_NAME[key], value, where) for key, value in quick_table.items()},
+        datasets=datasets,
+        models=models,
+        schemes=schemes,
+        quick=quick_values,
+        references=_references(raw, where, written, quick_values, datasets, models, schemes),
+        tuning=tuning,
     )
 
 
@@ -165,6 +297,8 @@ def _entry_lines(section: str, entry: Entry) -> list[str]:
         lines.append(f"params = {toml_value(entry.params)}")
     if entry.budgets:
         lines.append(f"budgets = {toml_value(list(entry.budgets))}")
+    if entry.search:
+        lines.append(f"search = {toml_value(space_table(entry.search))}")
     return lines
 
 
@@ -179,9 +313,21 @@ def suite_toml(suite: Suite) -> str:
     for section, entries in (("datasets", suite.datasets), ("models", suite.models), ("schemes", suite.schemes)):
         for entry in entries:
             lines += ["", *_entry_lines(section, entry)]
+    for reference in suite.references:
+        lines += ["", "[[references]]", *_reference_lines(reference)]
+    if suite.tuning is not None:
+        lines += ["", "[tuning]", *(f"{k} = {toml_value(v)}" for k, v in tuning_table(suite.tuning).items())]
     if suite.quick:
         lines += ["", "[quick]", *(f"{toml_key(k)} = {toml_value(v)}" for k, v in suite.quick.items())]
     return "\n".join(lines) + "\n"
+
+
+def _reference_lines(reference: Reference) -> list[str]:
+    written = {"source": reference.source, "method": reference.method, "budget": reference.budget,
+               "metric": reference.metric, "value": reference.value, "note": reference.note or None,
+               "url": reference.url or None, "size_bytes": reference.size_bytes, "dataset": reference.dataset,
+               "model": reference.model}
+    return [f"{key} = {toml_value(value)}" for key, value in written.items() if value is not None]
 
 
 def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:

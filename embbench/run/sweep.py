@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,7 +33,9 @@ from embbench.run.execute import execute
 from embbench.run.resolve import MEMORY_HEADROOM, Run, resolve_runs
 from embbench.run.store import DEFAULT_DB, LEASE_SECONDS, ResultStore, new_owner
 from embbench.run.suites import Entry, Suite, find_suite, parse_suite
+from embbench.run.tuning import check_suite_tuning, resolve_each, tuning_rounds
 from embbench.tasks import Task, TaskData
+from embbench.training import DEFAULT_MONITOR, NO_EARLY_STOPPING
 
 
 @dataclass
@@ -69,6 +72,9 @@ def load_suite(name_or_path: str | Path, quick: bool = False) -> Suite:
 
 #: most seconds a runner waits before looking again at cells other runners are training
 POLL_SECONDS = 5.0
+
+#: where cells run: in this process (or ``workers`` processes here), or as tasks of a Ray cluster
+EXECUTORS = ("in-process", "ray")
 
 #: fp32 copies of every dense parameter while training with Adam: weights, gradients, two moments
 DENSE_TRAINING_COPIES = 4
@@ -125,10 +131,15 @@ def prepare(
     settings = suite.settings
     where = f"{suite.path}: task"
     task: Task = registry.create("tasks", settings["task"], where=where)
-    if settings["early_stopping"] not in task.early_stopping:
+    if settings["early_stopping"] not in (*task.early_stopping, NO_EARLY_STOPPING):
         raise ConfigError(
             f"{suite.path}: early_stopping '{settings['early_stopping']}' is not a metric of task "
-            f"'{settings['task']}'; use one of {', '.join(task.early_stopping)}"
+            f"'{settings['task']}'; use one of {', '.join(task.early_stopping)}, or {NO_EARLY_STOPPING}"
+        )
+    if settings["early_stopping"] == NO_EARLY_STOPPING and DEFAULT_MONITOR not in task.metrics:
+        raise ConfigError(
+            f"{suite.path}: early_stopping 'none' watches {DEFAULT_MONITOR} for lr_schedule and target_val_metric, "
+            f"which task '{settings['task']}' does not measure; use one of {', '.join(task.early_stopping)}"
         )
     for entry in suite.schemes:
         registry.create("schemes", entry.name, where=entry.where, **entry.params)
@@ -142,6 +153,7 @@ def prepare(
             data[entry.label] = task.prepare(dataset, settings["dim"])
         except EmbbenchError as exc:
             raise type(exc)(f"{entry.where}: {exc}") from None
+    check_suite_tuning(suite)
     cells = suite.cells(world_size, _provenance(suite), torch.get_num_threads())
     runs = resolve_runs(cells, task, data, available_memory_bytes())
     return Prepared(suite, task, data, runs)
@@ -157,6 +169,8 @@ def run_suite(
     workers: int = 1,
     threads: int | None = None,
     lease_seconds: float = LEASE_SECONDS,
+    executor: str = "in-process",
+    address: str | None = None,
 ) -> RunSummary:
     """Run every cell of a suite that is not already finished in ``db`` (every cell, with ``rerun``: its
     stored row is replaced).
@@ -170,9 +184,25 @@ def run_suite(
     Under torchrun (``embbench run suite --nproc N``) every rank runs this: all ranks train each cell together
     and rank 0 alone claims cells and writes the results. A sharded cell in a single process runs in a process
     group of one, the same code path.
+
+    ``executor="ray"`` runs the cells as Ray tasks instead, on the cluster at ``address`` or on a Ray started
+    here (:func:`embbench.run.ray_executor.run_suite_on_ray`; docs/cluster.md).
     """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        if workers > 1:
+            raise ConfigError(f"--workers {workers} cannot be combined with --executor ray, which trains as many "
+                              "cells at once as the Ray cluster has CPUs for; run without --workers")
+        from embbench.run.ray_executor import run_suite_on_ray
+
+        return run_suite_on_ray(name_or_path, db, data_dir, quick, progress, rerun, threads, address,
+                                lease_seconds=lease_seconds)
+    if address is not None:
+        raise ConfigError("--address names a Ray cluster, which only --executor ray uses; add --executor ray")
     store = ResultStore(db)
-    store.check(writable=True)  # a damaged or foreign file is refused before anything is loaded or trained
+    if not launched_by_torchrun():  # under torchrun, rank 0 alone checks it (_sweep): other nodes may lack the path
+        store.check(writable=True)  # a damaged or foreign file is refused before anything is loaded or trained
     if workers > 1:
         return _run_workers(name_or_path, db, data_dir, quick, rerun, workers, lease_seconds)
     previous_threads = torch.get_num_threads()
@@ -193,23 +223,32 @@ def _sweep(
     devices = suite.settings["devices"]
     on_gpu = torch.cuda.is_available() and ("cuda" in devices or "auto" in devices)
     rank, world = init_from_env("cuda" if on_gpu else "cpu")  # nccl for GPU runs, gloo otherwise
-    prepared = prepare(suite, data_dir, world_size=world)
-    done = set() if rerun else store.finished_keys()
-    barrier()  # every rank has read the same finished cells before rank 0 writes new ones
     main = rank == 0
+    if launched_by_torchrun():
+        # Rank 0 alone opens the database (on another node its path may not exist) and tells every rank what it
+        # found, so that all of them stop alike.
+        refusal = _from_main(_refusal(store) if main else None, world)
+        if refusal is not None:
+            raise EmbbenchError(refusal)
+    prepared = prepare(suite, data_dir, world_size=world)
+    done = set() if rerun else _from_main(store.finished_keys() if main else None, world)
+    barrier()  # every rank has the same finished cells before rank 0 writes new ones
     if world == 1 and any(run.placement is not None and run.placement.sharding for run in prepared.runs):
         _single_process_group()
-    summary = RunSummary(suite.name, store.path, total=len(prepared.cells))
-    pending = [(run, [c for c in run.cells if c.key not in done]) for run in prepared.runs]
-    pending = [(run, cells) for run, cells in pending if cells]
-    summary.already_done = summary.total - sum(len(cells) for _, cells in pending)
-    bar = tqdm(
-        total=summary.total - summary.already_done, desc=suite.name, unit="cell",
-        disable=not (progress and main), dynamic_ncols=True,
-    )
+    summary = RunSummary(suite.name, store.path, total=0)
+    bar = tqdm(total=0, desc=suite.name, unit="cell", disable=not (progress and main), dynamic_ncols=True)
     owner = new_owner()
     poll_seconds = min(POLL_SECONDS, lease_seconds / 4)
-    with store.keep_leases(owner, lease_seconds) if main else nullcontext():
+
+    def run_batch(runs: list[Run], done: set[str]) -> None:
+        """Train the unfinished cells of ``runs``, sharing them with other runners through the leases."""
+        total = sum(len(run.cells) for run in runs)
+        pending = [(run, [c for c in run.cells if c.key not in done]) for run in runs]
+        pending = [(run, cells) for run, cells in pending if cells]
+        summary.total += total
+        summary.already_done += total - sum(len(cells) for _, cells in pending)
+        bar.total = summary.total - summary.already_done
+        bar.refresh()
         while pending:
             waiting = []
             trained_any = False
@@ -230,6 +269,21 @@ def _sweep(
                 # Every remaining cell is another runner's: wait for its row, or for its lease to expire.
                 bar.set_postfix_str(f"waiting for {sum(len(c) for _, c in pending)} cells of other runners")
                 time.sleep(poll_seconds)
+
+    with store.keep_leases(owner, lease_seconds) if main else nullcontext():
+        run_batch(prepared.runs, done)
+        if suite.tuning is not None:
+            # Trials, one round at a time (trial t of every point), then the chosen configurations.
+            def stored(keys: list[str]) -> dict[str, dict[str, Any]]:
+                return _from_main(store.rows(keys) if main else None, world)
+
+            for cells in tuning_rounds(suite, prepared.cells, stored, summary.failures):
+                runs, unplannable = resolve_each(cells, prepared.task, prepared.data, available_memory_bytes())
+                finished = set() if rerun else _from_main(store.finished_keys() if main else None, world)
+                for record in unplannable:
+                    if main and record["cell_key"] not in finished:
+                        store.write(record)
+                run_batch(runs, finished)
     bar.close()
     barrier()
     return summary
@@ -239,7 +293,8 @@ def _train(
     run: Run, cells: list[Cell], prepared: Prepared, store: ResultStore, owner: str | None, summary: RunSummary,
     bar: Any,
 ) -> None:
-    """Train ``run`` for ``cells`` (claimed by ``owner``, which writes their rows: the main rank) and count them."""
+    """Train ``run`` for ``cells`` (claimed by ``owner``, which writes their rows: the main rank) and count them;
+    without a progress bar, the main rank logs one line per finished cell on stderr (:func:`cell_line`)."""
     trained = run.trained
     bar.set_postfix_str(trained.describe())
 
@@ -258,6 +313,33 @@ def _train(
             last_line = record["error"].strip().splitlines()[-1]
             summary.failures.append(f"{cell.describe()}: {last_line}")
         bar.update(1)
+        if bar.disable and owner is not None:  # --no-progress (or a worker process): a line a log keeps
+            done = summary.ok + summary.failed + summary.skipped + summary.elsewhere
+            print(cell_line(cell, record, done, summary.total - summary.already_done), file=sys.stderr, flush=True)
+
+
+def cell_line(cell: Cell, record: dict[str, Any], done: int, total: int) -> str:
+    """One line for a finished cell, e.g. ``[3/12] ok ml-1m/gmf/cce@1/4/cpu/seed0 val_auc 0.8123 test_auc
+    0.8101 41.2 s``; a failed or skipped cell's line ends with the last line of its error."""
+    line = f"[{done}/{total}] {record['status']} {cell.describe()}"
+    if record["status"] == "ok":
+        for name in ("val_auc", "test_auc"):
+            value = record.get(name)
+            line += f" {name} {value:.4f}" if value is not None else ""
+    else:
+        lines = str(record.get("error") or "").strip().splitlines()
+        line += f": {lines[-1]}" if lines else ""
+    seconds = record.get("wall_seconds")
+    return line + (f" {seconds:.1f} s" if seconds is not None else "")
+
+
+def _refusal(store: ResultStore) -> str | None:
+    """Why ``store`` cannot be written (its one-line error), or None when it can."""
+    try:
+        store.check(writable=True)
+    except EmbbenchError as exc:
+        return str(exc)
+    return None
 
 
 def _from_main(value: Any, world: int) -> Any:
