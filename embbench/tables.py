@@ -38,12 +38,14 @@ def initial_weights(num_rows: int, dim: int, seed: int, std: float = DEFAULT_INI
 @dataclass(frozen=True)
 class TableInit:
     """How a table's rows start: ``normal`` draws N(0, ``std``^2); ``uniform`` draws U(-b, b) with
-    b = ``scale`` / sqrt(dim) (``scale`` 1: the U(±d^-½) of Hash Embeddings' and CCE's reference code), dim being
-    the table's width. Seeded by the table's seed: the same seed gives the same rows."""
+    b = ``scale`` / sqrt(``fan``) (``scale`` 1 and ``fan`` the embedding dimension: the U(±d^-½) the reference code of
+    Hash Embeddings, CCE and ROBE starts every table with); without ``fan``, the table's own width. Seeded by the
+    table's seed: the same seed gives the same rows."""
 
     kind: str = "normal"
     std: float = DEFAULT_INIT_STD
     scale: float = 1.0
+    fan: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in INIT_KINDS:
@@ -55,11 +57,13 @@ class TableInit:
         if self.kind == "normal":
             return initial_weights(num_rows, dim, seed, self.std)
         generator = torch.Generator().manual_seed(int(seed))
-        bound = self.scale / dim**0.5
+        bound = self.scale / (self.fan or dim) ** 0.5
         return (torch.rand(num_rows, dim, generator=generator) * 2 - 1) * bound
 
     def describe(self) -> str:
-        return f"normal(0, {self.std:g}^2)" if self.kind == "normal" else f"uniform(±{self.scale:g}/sqrt(dim))"
+        if self.kind == "normal":
+            return f"normal(0, {self.std:g}^2)"
+        return f"uniform(±{self.scale:g}/sqrt({self.fan or 'width'}))"
 
 
 def initialise_tables(module: nn.Module, init: TableInit) -> int:

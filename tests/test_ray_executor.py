@@ -125,6 +125,26 @@ def test_ray_stores_the_cells_and_metrics_the_in_process_runner_stores(tmp_path:
     assert (again.ok, again.already_done) == (0, 6)  # a finished suite submits nothing
 
 
+def test_a_tuned_suite_on_ray_stores_the_trials_and_tuned_cells_the_in_process_runner_stores(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    suite = tmp_path / "tuned.toml"
+    suite.write_text(
+        'epochs = 1\nbudgets = ["1/4"]\nseeds = [0, 1]\nlatency_batch_sizes = []\n'
+        '[tuning]\ntrials = 2\nspace = { learning_rate = { low = 1e-4, high = 1e-1, log = true } }\n'
+        '[[datasets]]\nname = "synthetic"\nparams = { num_users = 120, num_items = 80, interactions_per_user = 5 }\n'
+        '[[models]]\nname = "gmf"\n[[schemes]]\nname = "hashing-trick"\n'
+    )
+    here = run_suite(suite, db=tmp_path / "here.sqlite", progress=False, threads=1)
+    on_ray = run_suite(suite, db=tmp_path / "ray.sqlite", progress=False, threads=1, executor="ray")
+    assert (here.ok, on_ray.ok, on_ray.failed) == (6, 6, 0)  # 2 untuned, 2 trials, 2 tuned
+    expected, got = rows(tmp_path / "here.sqlite"), rows(tmp_path / "ray.sqlite")
+    assert got["cell_key"].tolist() == expected["cell_key"].tolist()
+    assert got["tuning"].tolist() == expected["tuning"].tolist()
+    for column in METRICS:  # a trial has no test metrics (NaN): compared as equal
+        assert got[column].fillna(-1.0).tolist() == expected[column].fillna(-1.0).tolist(), column
+
+
 def test_a_worker_killed_mid_cell_has_its_cell_run_again_and_nothing_is_lost(tmp_path: Path, cluster: Cluster) -> None:
     suite = suite_file(tmp_path, "counted")
     cluster.builds.write_text("")

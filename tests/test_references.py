@@ -228,7 +228,7 @@ def test_peer_suite_carries_every_published_number_of_each_shared_method() -> No
     suite = parse_suite(builtin_suites()[PEER])
     by_label: dict[str, set[str]] = {}
     for reference in suite.references:
-        assert reference.source == "thomasahle/cce results/ml-1m-30e" and reference.metric == "test_auc"
+        assert reference.source == "thomasahle/cce results/ml-1m-30e" and reference.metric == "val_auc"
         assert reference.note.startswith("results.ml-1m.") and "seeds 1-3 = " in reference.note
         seeds = [float(value) for value in reference.note.split("seeds 1-3 = ")[1].split(";")[0].split(", ")]
         assert reference.value == pytest.approx(sum(seeds) / 3, abs=5e-5)  # the mean of the published three

@@ -49,7 +49,17 @@ def test_a_block_starting_near_the_end_wraps_around_to_the_start():
 def test_array_size_fills_the_budget_and_block_size_defaults_to_the_dim():
     _, plan = build("1/8")
     budget_bytes = Budget.parse("1/8").resolve(FEATURE.num_ids, FEATURE.dim)
-    assert plan.params == {"block_size": FEATURE.dim, "array_size": (budget_bytes - 8) // 4}
+    assert plan.params == {"block_size": FEATURE.dim, "array_size": (budget_bytes - 8) // 4, "init": "normal"}
+
+
+def test_uniform_init_starts_the_array_in_plus_minus_one_over_sqrt_dim_and_is_recorded():
+    module, plan = build("1/8", init="uniform")
+    values = module.array.weight.detach()
+    bound = FEATURE.dim**-0.5
+    assert values.abs().max() <= bound and values.abs().max() > 0.99 * bound
+    assert plan.notes["init"] == f"uniform(±1/sqrt({FEATURE.dim}))"
+    normal, plan = build("1/8")
+    assert normal.array.weight.abs().max() < 0.1 and plan.notes["init"] == "normal(0, 0.01^2)"
 
 
 def test_block_size_out_of_range_is_rejected():

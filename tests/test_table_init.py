@@ -28,6 +28,7 @@ def test_uniform_init_fills_its_bound_and_is_seeded():
     assert rows.abs().max() > 0.99 * bound  # reaches the bound: not a narrower law
     assert abs(rows.std().item() - bound / 3**0.5) < 0.01  # the std of U(-b, b)
     assert torch.equal(rows, TableInit("uniform", scale=2.0).weights(4000, 16, seed=3))
+    assert TableInit("uniform", fan=64).weights(100, 8, seed=3).abs().max() <= 1 / 8  # the fan's bound, not 8's
     assert not torch.equal(rows, TableInit("uniform", scale=2.0).weights(4000, 16, seed=4))
 
 
@@ -52,7 +53,7 @@ def test_suite_init_reaches_every_table_of_the_model(tmp_path, scheme):
     tables = [m for m in model.modules() if isinstance(m, EmbeddingTable)]
     assert tables
     for table in tables:
-        bound = 1.0 / table.dim**0.5
+        bound = 1.0 / 32**0.5  # the embedding dimension's, whatever the table's width
         assert table.weight.abs().max() <= bound
         assert table.weight.abs().max() > 0.9 * bound
 

@@ -43,7 +43,7 @@ def table_init(cell: Cell) -> TableInit | None:
     """The initialisation a cell's ``init`` setting gives every embedding table; None: each scheme's own."""
     if cell["init"] == "scheme":
         return None
-    return TableInit(cell["init"], std=cell["init_std"], scale=cell["init_scale"])
+    return TableInit(cell["init"], std=cell["init_std"], scale=cell["init_scale"], fan=cell["dim"])
 
 
 def build_model(run: Run, task: Task, data: TaskData, sharded_tables: bool | None = None) -> nn.Module:

@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from embbench.distributed.launch import launched_by_torchrun
 from embbench.errors import ConfigError, EmbbenchError
-from embbench.measure.environment import host
+from embbench.measure.environment import available_memory_bytes, host
 from embbench.run.cells import Cell
 from embbench.run.execute import base_record, execute, now
-from embbench.run.resolve import Run
+from embbench.run.resolve import Run, resolve_runs
 from embbench.run.store import DEFAULT_DB, LEASE_SECONDS, ResultStore, new_owner
 from embbench.run.suites import find_suite, parse_suite
 from embbench.run.sweep import POLL_SECONDS, Prepared, RunSummary, _single_process_group, cell_line, prepare
+from embbench.run.tuning import resolve_each, tuning_rounds
 
 #: how Ray is installed, named in the error when it is not
 RAY_EXTRA = "pip install 'embbench[ray]'"
@@ -52,6 +53,9 @@ class RunJob:
     threads: int
     run_index: int
     keys: tuple[str, ...]
+    #: the run's cells themselves, for runs the suite file alone does not give (a tuned suite's trials and chosen
+    #: configurations, made on the driver from stored results): plain dataclasses, resolved again on the worker
+    cells: tuple[Cell, ...] = ()
 
 
 def import_ray() -> ModuleType:
@@ -87,7 +91,11 @@ def train_job(job: RunJob) -> list[dict[str, Any]]:
     """Train one shipped training run here (a Ray worker) and give its records, one per key of ``job``."""
     torch.set_num_threads(job.threads)  # before the cells are made: their identity holds the thread count
     prepared = _prepared_for(job)
-    run = prepared.runs[job.run_index] if job.run_index < len(prepared.runs) else None
+    if job.cells:
+        runs = resolve_runs(list(job.cells), prepared.task, prepared.data, available_memory_bytes())
+        run = runs[0] if len(runs) == 1 else None
+    else:
+        run = prepared.runs[job.run_index] if job.run_index < len(prepared.runs) else None
     if run is None or not set(job.keys) <= {cell.key for cell in run.cells}:
         raise EmbbenchError(
             f"the cells of training run {job.run_index} differ on Ray node {host()} from the driver's; install the "
@@ -143,10 +151,6 @@ def run_suite_on_ray(
     torch.set_num_threads(threads)  # the cells' identity holds the thread count their workers train with
     try:
         suite = parse_suite(path, quick=quick)
-        if getattr(suite, "tuning", None) is not None:
-            # Tuning trials are made from stored results round by round, on the driver: not shipped yet.
-            raise ConfigError(f"{path}: a suite with [tuning] runs in-process only for now; run it without "
-                              "--executor ray")
         prepared = prepare(suite, data_dir)
     finally:
         torch.set_num_threads(previous_threads)
@@ -203,60 +207,75 @@ def _drive(
     ray: ModuleType, prepared: Prepared, store: ResultStore, shipped: RunJob, progress: bool, rerun: bool,
     max_in_flight: int | None, max_retries: int, lease_seconds: float,
 ) -> RunSummary:
-    """Claim, submit, collect and write until every cell of ``prepared`` is finished (here or by other runners)."""
+    """Claim, submit, collect and write until every cell of ``prepared`` is finished (here or by other runners);
+    for a tuned suite, then its trials round by round and its chosen configurations (cells shipped as data)."""
     started = time.time()  # cells other runners finish from now on are this sweep's too
     slots, cluster_has_gpus = _capacity(ray, shipped.threads)
     limit = max_in_flight or 2 * slots
-    done = set() if rerun else store.finished_keys()
-    summary = RunSummary(prepared.suite.name, store.path, total=len(prepared.cells))
-    queue: collections.deque[tuple[int, list[Cell]]] = collections.deque()
-    for index, run in enumerate(prepared.runs):
-        cells = [cell for cell in run.cells if cell.key not in done]
-        if cells:
-            queue.append((index, cells))
-    summary.already_done = summary.total - sum(len(cells) for _, cells in queue)
-    bar = tqdm(total=summary.total - summary.already_done, desc=summary.suite, unit="cell", disable=not progress,
-               dynamic_ncols=True)
+    summary = RunSummary(prepared.suite.name, store.path, total=0)
+    bar = tqdm(total=0, desc=summary.suite, unit="cell", disable=not progress, dynamic_ncols=True)
     remote = ray.remote(train_job)
     owner = new_owner()
     poll_seconds = min(POLL_SECONDS, lease_seconds / 4)
-    in_flight: dict[Any, tuple[int, list[Cell]]] = {}
-    waiting: list[tuple[int, list[Cell]]] = []  # cells other runners hold: claimed again now and then
-    looked = time.monotonic()
+    in_flight: dict[Any, tuple[Run, list[Cell]]] = {}
+
+    def run_batch(batch: list[tuple[Run, RunJob]], done: set[str]) -> None:
+        queue: collections.deque[tuple[Run, RunJob, list[Cell]]] = collections.deque()
+        for run, job in batch:
+            cells = [cell for cell in run.cells if cell.key not in done]
+            if cells:
+                queue.append((run, job, cells))
+        total = sum(len(run.cells) for run, _ in batch)
+        summary.total += total
+        summary.already_done += total - sum(len(cells) for _, _, cells in queue)
+        bar.total = summary.total - summary.already_done
+        bar.refresh()
+        waiting: list[tuple[Run, RunJob, list[Cell]]] = []  # cells other runners hold: claimed again now and then
+        looked = time.monotonic()
+        while queue or in_flight or waiting:
+            if waiting and (not queue and (not in_flight or time.monotonic() - looked > poll_seconds)):
+                if not in_flight:  # every remaining cell is another runner's: wait for its row or lease
+                    bar.set_postfix_str(f"waiting for {sum(len(c) for _, _, c in waiting)} cells of other runners")
+                    time.sleep(poll_seconds)
+                queue.extend(waiting)
+                waiting, looked = [], time.monotonic()
+            while queue and len(in_flight) < limit:
+                run, job, cells = queue.popleft()
+                claim = store.claim([cell.key for cell in cells], owner, lease_seconds, started, rerun)
+                summary.elsewhere += len(claim.finished)
+                bar.update(len(claim.finished))
+                if claim.leased:
+                    waiting.append((run, job, [cell for cell in cells if cell.key in set(claim.leased)]))
+                mine = [cell for cell in cells if cell.key in set(claim.taken)]
+                if mine:
+                    task = dataclasses.replace(job, keys=tuple(cell.key for cell in mine))
+                    options = {"num_cpus": shipped.threads, "num_gpus": _gpus(run, cluster_has_gpus),
+                               "max_retries": max_retries, "retry_exceptions": False,
+                               "name": f"embbench {run.trained.describe()}"}
+                    in_flight[remote.options(**options).remote(task)] = (run, mine)
+            if not in_flight:
+                continue
+            bar.set_postfix_str(f"{len(in_flight)} runs on Ray")
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_seconds)
+            for reference in ready:
+                run, cells = in_flight.pop(reference)
+                records = _records(ray, reference, run, cells, prepared, shipped.threads, max_retries)
+                _store(records, cells, store, owner, summary, bar)
+                bar.set_postfix_str(cells[0].describe())
+
     try:
         with store.keep_leases(owner, lease_seconds):
-            while queue or in_flight or waiting:
-                if waiting and (not queue and (not in_flight or time.monotonic() - looked > poll_seconds)):
-                    if not in_flight:  # every remaining cell is another runner's: wait for its row or lease
-                        bar.set_postfix_str(f"waiting for {sum(len(c) for _, c in waiting)} cells of other runners")
-                        time.sleep(poll_seconds)
-                    queue.extend(waiting)
-                    waiting, looked = [], time.monotonic()
-                while queue and len(in_flight) < limit:
-                    index, cells = queue.popleft()
-                    claim = store.claim([cell.key for cell in cells], owner, lease_seconds, started, rerun)
-                    summary.elsewhere += len(claim.finished)
-                    bar.update(len(claim.finished))
-                    if claim.leased:
-                        waiting.append((index, [cell for cell in cells if cell.key in set(claim.leased)]))
-                    mine = [cell for cell in cells if cell.key in set(claim.taken)]
-                    if mine:
-                        run = prepared.runs[index]
-                        job = dataclasses.replace(shipped, run_index=index, keys=tuple(cell.key for cell in mine))
-                        options = {"num_cpus": shipped.threads, "num_gpus": _gpus(run, cluster_has_gpus),
-                                   "max_retries": max_retries, "retry_exceptions": False,
-                                   "name": f"embbench {run.trained.describe()}"}
-                        in_flight[remote.options(**options).remote(job)] = (index, mine)
-                if not in_flight:
-                    continue
-                bar.set_postfix_str(f"{len(in_flight)} runs on Ray")
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_seconds)
-                for reference in ready:
-                    index, cells = in_flight.pop(reference)
-                    records = _records(ray, reference, prepared.runs[index], cells, prepared, shipped.threads,
-                                       max_retries)
-                    _store(records, cells, store, owner, summary, bar)
-                    bar.set_postfix_str(cells[0].describe())
+            done = set() if rerun else store.finished_keys()
+            run_batch([(run, dataclasses.replace(shipped, run_index=index))
+                       for index, run in enumerate(prepared.runs)], done)
+            if prepared.suite.tuning is not None:
+                for cells in tuning_rounds(prepared.suite, prepared.cells, store.rows, summary.failures):
+                    runs, unplannable = resolve_each(cells, prepared.task, prepared.data, available_memory_bytes())
+                    finished = set() if rerun else store.finished_keys()
+                    for record in unplannable:
+                        if record["cell_key"] not in finished:
+                            store.write(record)
+                    run_batch([(run, dataclasses.replace(shipped, cells=tuple(run.cells))) for run in runs], finished)
     finally:
         for reference in in_flight:  # interrupted: the cells go back to the database unwritten
             with contextlib.suppress(Exception):  # Ray itself may be what failed

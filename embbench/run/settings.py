@@ -78,11 +78,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dim", "int", 32, CELL, "embedding dimension", minimum=1, maximum=MAX_DIM),
     Setting("init", "str", "scheme", CELL,
             "how every embedding table starts: scheme (each scheme's own), normal (N(0, init_std^2)), uniform "
-            "(U(±init_scale/sqrt(width))); network schemes (dhe, tt-rec) keep their own",
+            "(U(±init_scale/sqrt(dim))); network schemes (dhe, tt-rec) keep their own",
             choices=INIT_CHOICES, omit_default=True),
     Setting("init_std", "float", DEFAULT_INIT_STD, CELL, "standard deviation of init = normal", minimum=0.0,
             maximum=10.0, omit_default=True),
-    Setting("init_scale", "float", 1.0, CELL, "bound of init = uniform, in units of 1/sqrt(width)", positive=True,
+    Setting("init_scale", "float", 1.0, CELL, "bound of init = uniform, in units of 1/sqrt(dim)", positive=True,
             maximum=100.0, omit_default=True),
     Setting("embedding_optimizers", "str", ["adam"], AXIS,
             "table optimizers: adam (row-sparse Adam), sgd, adagrad, rowwise-adagrad, dense-adam (Adam over every row)",
