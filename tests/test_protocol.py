@@ -14,6 +14,7 @@ import sqlite3
 
 import pytest
 import torch
+from cli_checks import assert_one_line_error, invoke
 from torch import nn
 
 from embbench import registry
@@ -25,7 +26,6 @@ from embbench.run.suites import parse_suite
 from embbench.run.sweep import prepare
 from embbench.schemes import Budget, FeatureSpec, full_table_bytes
 from embbench.training import PlainStep, TargetReached, TrainConfig, fit, time_to_target
-from tests.cli_checks import assert_one_line_error, invoke
 
 CPU = torch.device("cpu")
 DATA = '[[datasets]]\nname = "synthetic"\nparams = { num_users = 150, num_items = 90, interactions_per_user = 6 }\n'

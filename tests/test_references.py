@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.colors
 import pandas as pd
 import pytest
+from cli_checks import assert_one_line_error, invoke
 from matplotlib.collections import PathCollection
 
 from embbench.errors import ConfigError
@@ -17,7 +18,6 @@ from embbench.report import pareto_figure, scheme_styles, summarize_results, wri
 from embbench.report.references import reference_comparisons, suite_references
 from embbench.report.statistics import mean_ci
 from embbench.run.suites import builtin_suites, parse_suite, parse_suite_text, suite_toml
-from tests.cli_checks import assert_one_line_error, invoke
 
 SUITE = """
 name = "refs"
