@@ -68,11 +68,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'embbench[ray]')")
     folder = tmp_path_factory.mktemp("ray")
     site = folder / "site"
-    info = site / "counted_scheme-1.0.dist-info"
+    info = site / "ray_counted_scheme-1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: counted-scheme\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[embbench.schemes]\ncounted = counted_scheme:Counted\n")
-    (site / "counted_scheme.py").write_text(PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ray-counted-scheme\nVersion: 1.0\n")
+    # a module name of its own: test_runners.py's `counted` plugin is another module (sys.modules keeps this one)
+    (info / "entry_points.txt").write_text("[embbench.schemes]\ncounted = ray_counted_scheme:Counted\n")
+    (site / "ray_counted_scheme.py").write_text(PLUGIN)
     builds, hang = folder / "builds.log", folder / "hang"
     builds.touch()
     variables = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
@@ -87,6 +88,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         ray.shutdown()
         sys.path.remove(str(site))
+        sys.modules.pop("ray_counted_scheme", None)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -150,3 +150,21 @@ def test_a_tuned_sweep_gives_every_point_its_trials_tests_only_the_chosen_one_an
     panels = text[: text.index("## Tuning")]
     assert "hashing-trick (tuned)" in panels  # tuned and default side by side; trials only in their section
     assert "[trial" not in panels
+
+
+def test_a_searched_configuration_the_budget_cannot_hold_is_a_failed_trial_not_the_end_of_the_sweep(tmp_path):
+    body = (
+        'epochs = 1\nbudgets = ["1/5"]\nlatency_batch_sizes = []\n' + DATA + '[[models]]\nname = "gmf"\n'
+        '[[schemes]]\nname = "compositional"\n'
+        'search = { params = { num_partitions = { choices = [2, 8] }, '
+        'operation = { choices = ["mult", "concat"] } } }\n'
+        '[tuning]\ntrials = 4\n'
+    )
+    path, db = write(tmp_path, body), tmp_path / "r.sqlite"
+    summary = run_suite(str(path), db=db, progress=False)
+    frame = ResultStore(db).frame()
+    failed = frame[frame["status"] == "failed"]
+    assert len(failed) >= 1 and (failed["tuning"] == "trial").all()
+    assert failed["error"].str.startswith("searched configuration cannot run:").all()
+    assert summary.failed == len(failed) and summary.total == len(frame)
+    assert (frame["tuning"] == "selected").sum() == 1  # the point still gets its chosen configuration

@@ -31,7 +31,15 @@ from embbench.run.execute import base_record, execute, now
 from embbench.run.resolve import Run, resolve_runs
 from embbench.run.store import DEFAULT_DB, LEASE_SECONDS, ResultStore, new_owner
 from embbench.run.suites import find_suite, parse_suite
-from embbench.run.sweep import POLL_SECONDS, Prepared, RunSummary, _single_process_group, cell_line, prepare
+from embbench.run.sweep import (
+    POLL_SECONDS,
+    Prepared,
+    RunSummary,
+    _single_process_group,
+    cell_line,
+    count_unplannable,
+    prepare,
+)
 from embbench.run.tuning import resolve_each, tuning_rounds
 
 #: how Ray is installed, named in the error when it is not
@@ -273,8 +281,8 @@ def _drive(
                     runs, unplannable = resolve_each(cells, prepared.task, prepared.data, available_memory_bytes())
                     finished = set() if rerun else store.finished_keys()
                     for record in unplannable:
-                        if record["cell_key"] not in finished:
-                            store.write(record)
+                        store.write(record)  # a failed row: never replaces an ok one
+                        count_unplannable(summary, record)
                     run_batch([(run, dataclasses.replace(shipped, cells=tuple(run.cells))) for run in runs], finished)
     finally:
         for reference in in_flight:  # interrupted: the cells go back to the database unwritten

@@ -281,12 +281,22 @@ def _sweep(
                 runs, unplannable = resolve_each(cells, prepared.task, prepared.data, available_memory_bytes())
                 finished = set() if rerun else _from_main(store.finished_keys() if main else None, world)
                 for record in unplannable:
-                    if main and record["cell_key"] not in finished:
+                    if main:
                         store.write(record)
+                    count_unplannable(summary, record)
                 run_batch(runs, finished)
     bar.close()
     barrier()
     return summary
+
+
+def count_unplannable(summary: RunSummary, record: dict[str, Any]) -> None:
+    """Count a searched configuration that cannot run (a failed trial, stored as such) in the sweep's summary."""
+    summary.total += 1
+    summary.failed += 1
+    trial = f"{record['scheme_label']} [trial {record.get('trial')}]"
+    cell = f"{record['dataset']}/{record['model']}/{trial}@{record['budget']}"
+    summary.failures.append(f"{cell}: {record['error'].splitlines()[0][:200]}")
 
 
 def _train(
