@@ -430,6 +430,7 @@ def resolve_each(
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """The runs of ``cells``, resolved one training run at a time: a searched configuration the budget cannot
     hold (or the scheme refuses) is that cell's failed row, not the sweep's end."""
+    from embbench.measure.environment import git_commit, host
     from embbench.run.execute import now
     from embbench.run.resolve import resolve_runs
 
@@ -448,6 +449,7 @@ def resolve_each(
                     "precision": cell.precision, "budget": cell.budget, "device": cell.device, "seed": cell.seed,
                     "status": "failed", "error": f"searched configuration cannot run: {exc}",
                     "config_json": cell.config(), **tuning_record(cell), "started_at": now(), "finished_at": now(),
+                    "git_commit": git_commit(), "host": host(), "threads": cell.threads,
                 })
     return runs, failed
 
