@@ -6,9 +6,22 @@ model, task) imports, as ``from embbench import ...``. The contract checks for s
 writing each kind of plugin.
 """
 
+from embbench.bags import BAG_MODES, BagIndex, Bags, BagSource, embed_bags
 from embbench.collection import FeatureEmbeddings, TableTraining
 from embbench.ctr import SPLITS, CTRData, CTRDataset, CTRFrame, hash_strings
-from embbench.data import Dataset, Split, download_archive, features_of, find_file, prepare_split, read_table
+from embbench.data import (
+    SPLIT_PROTOCOLS,
+    Dataset,
+    Split,
+    SplitProtocol,
+    content_sha256,
+    download_archive,
+    features_of,
+    find_file,
+    integer_ids,
+    prepare_split,
+    read_table,
+)
 from embbench.errors import BudgetTooSmall, ConfigError, DataNotFound, Diverged, EmbbenchError, PluginError
 from embbench.hashing import MERSENNE_PRIME, HashFamily
 from embbench.metrics import RankingAccumulator, classification_metrics, require_finite_scores
@@ -26,14 +39,18 @@ from embbench.registry import (
 from embbench.schemes import (
     FLOAT_BYTES,
     ID_BYTES,
+    SHARE_MODES,
     UNSEEN_KINDS,
     Budget,
     FeatureSpec,
     Scheme,
     SchemePlan,
     build_embedding,
+    build_features,
+    distinct_plans,
     full_table_bytes,
     largest_fitting,
+    modules_size_bytes,
     state_size_bytes,
 )
 from embbench.tables import (
@@ -57,14 +74,18 @@ __all__ = [
     # schemes: the API every scheme implements, and its size accounting
     "FLOAT_BYTES",
     "ID_BYTES",
+    "SHARE_MODES",
     "UNSEEN_KINDS",
     "Budget",
     "FeatureSpec",
     "Scheme",
     "SchemePlan",
     "build_embedding",
+    "build_features",
+    "distinct_plans",
     "full_table_bytes",
     "largest_fitting",
+    "modules_size_bytes",
     "state_size_bytes",
     # schemes: building blocks of scheme modules (tables looked up in a model's one collection, hashing, vocabularies)
     "DEFAULT_INIT_STD",
@@ -78,17 +99,28 @@ __all__ = [
     "VocabularyIndex",
     "initialise_tables",
     "lookup_sorted",
-    # datasets: user-item interactions and their leave-last-out split, click-through data, file helpers
+    # bags: multivalent features (a set of IDs per example) embedded by pooling, through any scheme
+    "BAG_MODES",
+    "BagIndex",
+    "BagSource",
+    "Bags",
+    "embed_bags",
+    # datasets: user-item interactions and their splits (leave-last-out, global-temporal), click-through data,
+    # file and ID helpers
     "SPLITS",
+    "SPLIT_PROTOCOLS",
     "CTRData",
     "CTRDataset",
     "CTRFrame",
     "Dataset",
     "Split",
+    "SplitProtocol",
+    "content_sha256",
     "download_archive",
     "features_of",
     "find_file",
     "hash_strings",
+    "integer_ids",
     "prepare_split",
     "read_table",
     # models: the model APIs and the collection that looks up every feature's tables at once

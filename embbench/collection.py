@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from embbench.bags import BagIndex, Bags, bag_route, combine_reads, embed_bags, request_size, table_reads
 from embbench.kernels import FusedStore, ShardableStore, TableSpec, TableStore, TorchStore, offsets_of
 from embbench.tables import EmbeddingTable, TableBackedEmbedding
 
@@ -182,21 +183,27 @@ class TableCollection(nn.Module):
         )
 
     # -- the batched path ---------------------------------------------------------------------------------
-    def embed_modules(self, calls: Sequence[tuple[TableBackedEmbedding, torch.Tensor]]) -> list[torch.Tensor]:
+    def embed_modules(
+        self, calls: Sequence[tuple[TableBackedEmbedding, torch.Tensor | Bags]]
+    ) -> list[torch.Tensor]:
         """Embeddings of each (module, ids) pair, every table read of all of them pooled in one batch.
 
-        All ``ids`` must have the same length (the batch); a table no module reads gets empty bags.
+        All ``ids`` must have the same length (the batch); a table no module reads gets empty bags. In place of
+        IDs, a module whose ``combine_is_linear`` may be given :class:`~embbench.bags.Bags` (one embedding per
+        bag: its IDs' rows pooled in the kernel).
         """
         if not calls:
             return []
-        batch = int(calls[0][1].shape[0])
+        batch = request_size(calls[0][1])
         device = calls[0][1].device
         per_store: list[list[Any]] = [[None] * len(store.slot_dims) for store in self.stores]
         placed: list[list[tuple[int, int]]] = []
         for module, ids in calls:
-            if int(ids.shape[0]) != batch:
-                raise ValueError(f"features looked up together need one batch size, got {batch} and {ids.shape[0]}")
-            lookups = module.lookups(ids)
+            if request_size(ids) != batch:
+                raise ValueError(
+                    f"features looked up together need one batch size, got {batch} and {request_size(ids)}"
+                )
+            lookups = table_reads(module, ids)
             known = self._read_plans.get(module)
             if known is not None and len(known) == len(lookups) and all(
                 lookup.table is table and lookup.batch_size == batch
@@ -234,7 +241,7 @@ class TableCollection(nn.Module):
             store.pool(lookups, batch, device) for store, lookups in zip(self.stores, per_store, strict=True)
         ]
         return [
-            module.combine(ids, [pooled_per_store[s][i] for s, i in where])
+            combine_reads(module, ids, [pooled_per_store[s][i] for s, i in where])
             for (module, ids), where in zip(calls, placed, strict=True)
         ]
 
@@ -271,13 +278,32 @@ class FeatureEmbeddings(nn.Module):
     ``forward({feature: ids [B]})`` -> ``{feature: embeddings [B, dim]}``: table-backed features are looked up
     together (one kernel call per batch), other modules called as they are. ``embed(feature, ids)`` embeds one
     feature. Without ``training`` each module runs standalone (as in tests and ``embbench size``).
+
+    ``bags`` makes features bag features (:mod:`embbench.bags`): feature ``name``'s :class:`BagIndex` maps the
+    IDs of its owner feature to bags of ``name``'s IDs. ``forward`` then also gives, for every owner in its
+    input, each of its bag features' pooled embeddings [B, dim] under the bag feature's name, looked up in the
+    same kernel call (:func:`embbench.bags.bag_route` says where each scheme pools); ``with_bags=False`` leaves
+    them out.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], training: TableTraining | None = None) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        training: TableTraining | None = None,
+        bags: Mapping[str, BagIndex] | None = None,
+    ) -> None:
         super().__init__()
         if not modules:
             raise ValueError("FeatureEmbeddings needs at least one feature")
         self.features = nn.ModuleDict(dict(modules))
+        bags = dict(bags or {})
+        for name, index in bags.items():
+            if name not in self.features or index.owner not in self.features or index.owner in bags:
+                raise ValueError(
+                    f"bag feature '{name}' of '{index.owner}' needs a module of its own and an owner feature that is "
+                    f"not a bag, among {', '.join(self.features)}"
+                )
+        self.bags = nn.ModuleDict(bags)
         table_backed = {
             name: module for name, module in self.features.items() if isinstance(module, TableBackedEmbedding)
         }
@@ -308,29 +334,51 @@ class FeatureEmbeddings(nn.Module):
     def names(self) -> list[str]:
         return list(self.features)
 
-    def forward(self, ids: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, ids: Mapping[str, torch.Tensor], with_bags: bool = True) -> dict[str, torch.Tensor]:
+        requests: dict[str, torch.Tensor | Bags] = dict(ids)
+        if with_bags:
+            requests.update({name: index(ids[index.owner]) for name, index in self.bags.items() if index.owner in ids})
         out: dict[str, torch.Tensor] = {}
-        together: list[tuple[str, TableBackedEmbedding, torch.Tensor]] = []
-        for name, batch in ids.items():
+        pool_after: dict[str, Bags] = {}  # bags of modules that embed each ID: pooled once their IDs are embedded
+        together: list[tuple[str, TableBackedEmbedding, torch.Tensor | Bags]] = []
+        for name, request in requests.items():
             module = self.features[name]
-            if self.tables is not None and isinstance(module, TableBackedEmbedding):
-                together.append((name, module, batch))
+            in_tables = self.tables is not None and isinstance(module, TableBackedEmbedding)
+            if isinstance(request, Bags):
+                route = bag_route(module)
+                if route == "own" or not in_tables:
+                    out[name] = embed_bags(module, request)
+                    continue
+                if route == "each":
+                    pool_after[name], request = request, request.values
+            if in_tables:
+                together.append((name, module, request))
             else:
-                out[name] = module(batch)
+                out[name] = module(request)
         if together:
             # features of one batch size share a kernel call (all of them, in training)
-            by_size: dict[int, list[tuple[str, TableBackedEmbedding, torch.Tensor]]] = {}
+            by_size: dict[int, list[tuple[str, TableBackedEmbedding, torch.Tensor | Bags]]] = {}
             for item in together:
-                by_size.setdefault(int(item[2].shape[0]), []).append(item)
+                by_size.setdefault(request_size(item[2]), []).append(item)
             assert self.tables is not None
             for group in by_size.values():
                 vectors = self.tables.embed_modules([(module, batch) for _, module, batch in group])
                 out.update({name: vector for (name, _, _), vector in zip(group, vectors, strict=True)})
-        return {name: out[name] for name in ids}
+        out.update({name: bags.pool(out[name]) for name, bags in pool_after.items()})
+        return {name: out[name] for name in requests}
 
     def embed(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [N, dim] of one feature's IDs."""
-        return self.forward({feature: ids})[feature]
+        return self.forward({feature: ids}, with_bags=False)[feature]
+
+    def embed_bags(self, feature: str, bags: Bags) -> torch.Tensor:
+        """Embeddings [B, dim] of bags of one feature's IDs: each the pool of its IDs' embeddings
+        (:func:`embbench.bags.embed_bags`)."""
+        return embed_bags(self.features[feature], bags)
+
+    def bags_of(self, owner: str) -> list[str]:
+        """The bag features whose bags the IDs of ``owner`` name."""
+        return [name for name, index in self.bags.items() if index.owner == owner]
 
     # -- training -----------------------------------------------------------------------------------------
     def table_parameters(self) -> list[nn.Parameter]:

@@ -1,12 +1,13 @@
-"""The dataset API, the leave-last-out split protocol and its on-disk cache, and file and download helpers.
+"""The dataset API, the split protocols and their on-disk cache, and file, ID and download helpers.
 
 A dataset plugin reads raw interactions (``Dataset.load``) and names their content (``Dataset.fingerprint``);
-:func:`prepare_split` turns them into a :class:`Split` the way the DHE paper and NCF evaluate: per user, the
-last interaction by time is the test item, the second-last the validation item, the rest is training.
+:func:`prepare_split` turns them into a :class:`Split` by a :class:`SplitProtocol`: leave-last-out (the DHE
+paper's and NCF's, the default) or global-temporal (one cut-off time for every user).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -27,11 +28,17 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from embbench.bags import BagSource
 from embbench.errors import ConfigError, DataNotFound, PluginError
 from embbench.schemes import FeatureSpec
 
 # Bump when the split protocol changes: it is part of every cache key, so old caches are never reused.
 _PROTOCOL_VERSION = "leave-last-out/v1"
+_GLOBAL_TEMPORAL_VERSION = "global-temporal/v1"
+LEAVE_LAST_OUT = "leave-last-out"
+GLOBAL_TEMPORAL = "global-temporal"
+#: the split protocols, the default first
+SPLIT_PROTOCOLS = (LEAVE_LAST_OUT, GLOBAL_TEMPORAL)
 _COLUMNS = ("user", "item", "timestamp")
 _FRAMES = ("train", "validation", "test")
 _SCHEMA = {column: "int64" for column in _COLUMNS}  # of every cached frame
@@ -70,21 +77,70 @@ class Dataset(ABC):
         """Optional per-item features, indexed by raw item ID; None when the dataset has none."""
         return None
 
+    def bag_features(self) -> dict[str, BagSource]:
+        """Optional bag (multivalent) features by name: for each user or item, a list of IDs (e.g. an item's
+        genres; :class:`embbench.bags.BagSource`). A suite's ``bags`` setting names those a cell embeds."""
+        return {}
+
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in self.params.items())
         return f"{type(self).__name__}({params})"
 
 
+@dataclass(frozen=True)
+class SplitProtocol:
+    """How :func:`prepare_split` holds interactions out.
+
+    ``leave-last-out`` (the default): per user, the last interaction by time is the test item and the
+    second-last the validation item. ``global-temporal``: one cut-off time for every user, so that nothing
+    trained on is later than anything evaluated: the last ``test_fraction`` of the interactions by time are
+    the test period, the ``validation_fraction`` before them the validation period (the fractions are used
+    by global-temporal only).
+    """
+
+    kind: str = LEAVE_LAST_OUT
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPLIT_PROTOCOLS:
+            raise ConfigError(f"unknown split '{self.kind}'; use one of {', '.join(SPLIT_PROTOCOLS)}")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"{name} must be a number between 0 and 1 (exclusive), got {value!r}")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"validation_fraction + test_fraction must be below 1 to leave interactions to train on, got "
+                f"{self.validation_fraction} + {self.test_fraction}"
+            )
+
+
 @dataclass
 class Split:
-    """A leave-last-out split. Frames have int64 columns user, item, timestamp, sorted by user then time."""
+    """A split of interactions. Frames have int64 columns user, item, timestamp; train is sorted by user then
+    time, validation and test by user.
+
+    Under leave-last-out every user has exactly one validation and one test row. Under global-temporal a user
+    has at most one of each (the first interaction of the period), and users or items first seen after the
+    training period are kept: they are unseen IDs of the training frame.
+    """
 
     train: pd.DataFrame
-    validation: pd.DataFrame  # exactly one row per user
-    test: pd.DataFrame  # exactly one row per user
+    validation: pd.DataFrame  # at most one row per user (leave-last-out: exactly one)
+    test: pd.DataFrame  # at most one row per user (leave-last-out: exactly one)
     users: np.ndarray  # sorted unique raw user IDs of all kept users
     items: np.ndarray  # the catalogue: sorted unique raw item IDs anywhere in the kept data
-    fingerprint: str  # the split's key: dataset content, protocol version and min_interactions
+    fingerprint: str  # the split's key: dataset content, protocol (version, parameters) and min_interactions
+    protocol: SplitProtocol = SplitProtocol()
+
+    @property
+    def sampling_items(self) -> np.ndarray:
+        """The items training may draw negatives from: the catalogue under leave-last-out; under global-temporal
+        the items of the training frame (an item first seen after the cut-off is unknown while training)."""
+        if self.protocol.kind == LEAVE_LAST_OUT:
+            return self.items
+        return np.unique(self.train["item"].to_numpy(dtype=np.int64))
 
     def feature_counts(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """Sorted unique IDs of ``column`` ('user' or 'item') in the training frame, and their counts."""
@@ -189,6 +245,36 @@ def read_table(path: str | Path, **kwargs: Any) -> pd.DataFrame:
     """``pandas.read_csv`` on a plain or ``.gz`` file (keyword arguments go to pandas)."""
     kwargs.setdefault("compression", "gzip" if _is_gzip(path) else None)
     return pd.read_csv(path, **kwargs)
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's uncompressed bytes (a ``.gz`` file is decompressed), so a file and its .gz agree."""
+    digest = hashlib.sha256()
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def integer_ids(values: pd.Series, keep_integers: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """int64 IDs of a column of raw IDs (no missing values), and the text each ID stands for.
+
+    An integer column, and (with ``keep_integers``) a text column whose every value is a plain decimal integer
+    within int64 (an optional '-', no '+', no leading zeros), keeps its values; the labels are then None.
+    Any other column is text: its distinct values, sorted by code point, are numbered 0, 1, 2, ... and
+    ``labels[i]`` is the text of ID ``i``, so the same set of values always gives the same IDs.
+    """
+    if keep_integers and pd.api.types.is_integer_dtype(values.dtype):
+        return values.to_numpy(dtype=np.int64), None
+    text = values.astype(str)
+    if keep_integers and text.str.fullmatch(r"0|-?[1-9][0-9]{0,18}").all():
+        try:
+            return text.astype(np.int64).to_numpy(dtype=np.int64), None
+        except (OverflowError, ValueError):  # 19 digits beyond int64: text after all
+            pass
+    codes, labels = pd.factorize(text, sort=True)
+    return codes.astype(np.int64, copy=False), np.asarray(labels, dtype=object)
 
 
 def _one_line(text: object) -> str:
@@ -303,9 +389,12 @@ def download_archive(url: str, dest: Path, what: str, *, size_bytes: int, sha256
     return dest
 
 
-def _split_key(dataset_fingerprint: str, min_interactions: int) -> str:
-    material = json.dumps([dataset_fingerprint, _PROTOCOL_VERSION, min_interactions])
-    return hashlib.sha256(material.encode()).hexdigest()
+def _split_key(dataset_fingerprint: str, min_interactions: int, protocol: SplitProtocol) -> str:
+    material: list[Any] = [dataset_fingerprint, _PROTOCOL_VERSION, min_interactions]
+    if protocol.kind == GLOBAL_TEMPORAL:  # leave-last-out keys stay as they were before the protocols
+        material = [dataset_fingerprint, _GLOBAL_TEMPORAL_VERSION, min_interactions,
+                    protocol.validation_fraction, protocol.test_fraction]
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
 def _interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -320,9 +409,11 @@ def _interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         raise PluginError(f"dataset {name}: load() must give int64 user, item, timestamp ({exc})") from None
 
 
-def _leave_last_out(
-    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, min_interactions: int
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _by_user_then_time(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The interactions sorted by user then time, each (user, item) pair's earliest only; with each row's
+    position within its user and its user's number of rows."""
     # lexsort is stable: within a user, equal timestamps keep file order.
     order = np.lexsort((timestamps, users))
     users, items, timestamps = users[order], items[order], timestamps[order]
@@ -333,22 +424,76 @@ def _leave_last_out(
     n = len(users)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if n else np.zeros(0, dtype=np.int64)
     sizes = np.diff(np.r_[starts, n])
-    per_row_size = np.repeat(sizes, sizes)
     position = np.arange(n) - np.repeat(starts, sizes)
+    return users, items, timestamps, position, np.repeat(sizes, sizes)
+
+
+def _frame(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, mask: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"user": users[mask], "item": items[mask], "timestamp": timestamps[mask]})
+
+
+def _leave_last_out(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, min_interactions: int
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    users, items, timestamps, position, per_row_size = _by_user_then_time(users, items, timestamps)
     from_end = per_row_size - 1 - position  # 0: last interaction, 1: second-last
-
     keep = per_row_size >= min_interactions
-
-    def frame(mask: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame({"user": users[mask], "item": items[mask], "timestamp": timestamps[mask]})
-
-    return frame(keep & (from_end >= 2)), frame(keep & (from_end == 1)), frame(keep & (from_end == 0))
+    rows = (users, items, timestamps)
+    train, validation, test = keep & (from_end >= 2), keep & (from_end == 1), keep & (from_end == 0)
+    return _frame(*rows, train), _frame(*rows, validation), _frame(*rows, test)
 
 
-def _split_of(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, key: str) -> Split:
-    items = np.unique(np.concatenate([f["item"].to_numpy(dtype=np.int64) for f in (train, validation, test)]))
-    users = test["user"].to_numpy(dtype=np.int64).copy()
-    return Split(train, validation, test, users, items, key)
+def _cut_offs(timestamps: np.ndarray, protocol: SplitProtocol) -> tuple[int, int]:
+    """(t_val, t_test): the times at the 1 - validation - test and 1 - test quantiles of the interactions
+    (the earliest time at or after that share of them). Ties at a cut-off fall after it, so the training and
+    validation shares are at most their nominal fractions."""
+    ordered = np.sort(timestamps)
+    n = len(ordered)
+    train_share = 1.0 - protocol.validation_fraction - protocol.test_fraction
+    # the small epsilon keeps exact shares exact: 20 * (1 - 0.2 - 0.2) is 11.999999999999998 in floating point
+    at_val = min(int(np.floor(n * train_share + 1e-9)), n - 1)
+    at_test = min(int(np.floor(n * (1.0 - protocol.test_fraction) + 1e-9)), n - 1)
+    return int(ordered[at_val]), int(ordered[at_test])
+
+
+def _global_temporal(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, min_interactions: int, protocol: SplitProtocol
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, tuple[int, int]]:
+    """Train: interactions before t_val; validation: each user's first interaction in [t_val, t_test); test:
+    each user's first at or after t_test. A user's later interactions in a held-out period are dropped."""
+    users, items, timestamps, _, per_row_size = _by_user_then_time(users, items, timestamps)
+    keep = per_row_size >= min_interactions
+    users, items, timestamps = users[keep], items[keep], timestamps[keep]
+    if len(users) == 0:
+        empty = _frame(users, items, timestamps, np.zeros(0, dtype=bool))
+        return empty, empty, empty, (0, 0)
+    t_val, t_test = _cut_offs(timestamps, protocol)
+    rows = (users, items, timestamps)
+
+    def first_per_user(period: np.ndarray) -> np.ndarray:
+        # rows are sorted by user then time: the first row of a user within the period is its first interaction
+        first = np.zeros(len(users), dtype=bool)
+        where = np.flatnonzero(period)
+        if len(where):
+            period_users = users[where]
+            first[where[np.r_[True, period_users[1:] != period_users[:-1]]]] = True
+        return first
+
+    validation = first_per_user((timestamps >= t_val) & (timestamps < t_test))
+    test = first_per_user(timestamps >= t_test)
+    return _frame(*rows, timestamps < t_val), _frame(*rows, validation), _frame(*rows, test), (t_val, t_test)
+
+
+def _split_of(
+    train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, key: str, protocol: SplitProtocol
+) -> Split:
+    frames = (train, validation, test)
+    items = np.unique(np.concatenate([f["item"].to_numpy(dtype=np.int64) for f in frames]))
+    if protocol.kind == LEAVE_LAST_OUT:  # every kept user has exactly one test row, in user order
+        users = test["user"].to_numpy(dtype=np.int64).copy()
+    else:
+        users = np.unique(np.concatenate([f["user"].to_numpy(dtype=np.int64) for f in frames]))
+    return Split(train, validation, test, users, items, key, protocol)
 
 
 class _CacheInvalid(Exception):
@@ -396,7 +541,7 @@ def _cached_frames(folder: Path) -> list[pd.DataFrame]:
     return frames
 
 
-def _read_cached(folder: Path, key: str) -> Split | None:
+def _read_cached(folder: Path, key: str, protocol: SplitProtocol) -> Split | None:
     """The cached split, or None (with a one-line warning when a cache is there but invalid)."""
     if not folder.is_dir():
         return None
@@ -405,7 +550,7 @@ def _read_cached(folder: Path, key: str) -> Split | None:
     except _CacheInvalid as exc:
         warnings.warn(f"rebuilding the split cache {folder}: {exc}", stacklevel=3)
         return None
-    return _split_of(*frames, key)
+    return _split_of(*frames, key, protocol)
 
 
 def _write_cache(folder: Path, frames: Sequence[pd.DataFrame], meta: dict[str, Any]) -> None:
@@ -439,41 +584,72 @@ def _write_cache(folder: Path, frames: Sequence[pd.DataFrame], meta: dict[str, A
         warnings.warn(f"could not cache the split in {folder} ({_one_line(exc)})", stacklevel=3)
 
 
-def prepare_split(dataset: Dataset, min_interactions: int = 3, use_cache: bool = True) -> Split:
-    """The leave-last-out split of ``dataset``, from the cache when its content was split before.
+def prepare_split(
+    dataset: Dataset, min_interactions: int = 3, use_cache: bool = True, protocol: SplitProtocol | None = None
+) -> Split:
+    """The split of ``dataset`` by ``protocol`` (default: leave-last-out), from the cache when its content was
+    split so before.
 
     Every interaction counts as positive feedback. Duplicate (user, item) pairs keep their earliest
-    interaction; users with fewer than ``min_interactions`` distinct items are dropped. Per user, sorted by
-    timestamp (ties keep file order), the last interaction is the test item and the second-last the
-    validation item. Cached as parquet under ``cache_dir()/splits/<key>/``, keyed by the dataset's
-    fingerprint, the protocol version and ``min_interactions``; a cache whose files do not match the
-    checksums and schema its meta.json records is rebuilt, with a warning.
+    interaction; users with fewer than ``min_interactions`` distinct items are dropped (under both protocols,
+    so both see the same interactions). Leave-last-out: per user, sorted by timestamp (ties keep file order),
+    the last interaction is the test item and the second-last the validation item. Global-temporal: see
+    :class:`SplitProtocol` and ``_global_temporal``. Cached as parquet under ``cache_dir()/splits/<key>/``,
+    keyed by the dataset's fingerprint, the protocol (version and parameters) and ``min_interactions``; a
+    cache whose files do not match the checksums and schema its meta.json records is rebuilt, with a warning.
     """
     if isinstance(min_interactions, bool) or not isinstance(min_interactions, int) or min_interactions < 3:
         raise ConfigError(
             f"min_interactions must be an integer >= 3 (train, validation and test need one each), "
             f"got {min_interactions!r}"
         )
+    protocol = SplitProtocol() if protocol is None else protocol
     dataset_fingerprint = dataset.fingerprint()
-    key = _split_key(dataset_fingerprint, min_interactions)
+    key = _split_key(dataset_fingerprint, min_interactions, protocol)
     folder = cache_dir() / "splits" / key
     if use_cache:
-        cached = _read_cached(folder, key)
+        cached = _read_cached(folder, key, protocol)
         if cached is not None:
             return cached
     users, items, timestamps = _interactions(dataset)
-    frames = _leave_last_out(users, items, timestamps, min_interactions)
+    meta: dict[str, Any] = {
+        "dataset": type(dataset).__name__,
+        "dataset_fingerprint": dataset_fingerprint,
+        "protocol": _PROTOCOL_VERSION,
+        "min_interactions": min_interactions,
+    }
+    if protocol.kind == LEAVE_LAST_OUT:
+        frames = _leave_last_out(users, items, timestamps, min_interactions)
+    else:
+        *frames, cut_offs = _global_temporal(users, items, timestamps, min_interactions, protocol)
+        meta.update(protocol=_GLOBAL_TEMPORAL_VERSION, validation_fraction=protocol.validation_fraction,
+                    test_fraction=protocol.test_fraction, validation_from=cut_offs[0], test_from=cut_offs[1])
     if len(frames[2]) == 0:
         raise DataNotFound(
             f"{dataset!r} has no user with at least {min_interactions} distinct items "
             f"({len(users):,} interactions read); check its files or parameters"
         )
+    if protocol.kind == GLOBAL_TEMPORAL:
+        _check_periods(dataset, frames, cut_offs, protocol)
     if use_cache:
-        meta = {
-            "dataset": type(dataset).__name__,
-            "dataset_fingerprint": dataset_fingerprint,
-            "protocol": _PROTOCOL_VERSION,
-            "min_interactions": min_interactions,
-        }
         _write_cache(folder, frames, meta)
-    return _split_of(*frames, key)
+    return _split_of(*frames, key, protocol)
+
+
+def _check_periods(
+    dataset: Dataset, frames: Sequence[pd.DataFrame], cut_offs: tuple[int, int], protocol: SplitProtocol
+) -> None:
+    """A global-temporal split whose training or validation period is empty (timestamps tie at a cut-off) is
+    one clear error."""
+    t_val, t_test = cut_offs
+    fractions = f"validation_fraction = {protocol.validation_fraction}, test_fraction = {protocol.test_fraction}"
+    if len(frames[0]) == 0:
+        raise ConfigError(
+            f"{dataset!r}: the global-temporal split has nothing to train on: no interaction is earlier than the "
+            f"validation cut-off {t_val} ({fractions}; timestamps tie there); lower the fractions"
+        )
+    if len(frames[1]) == 0:
+        raise ConfigError(
+            f"{dataset!r}: the global-temporal split has an empty validation period: both cut-offs fall on "
+            f"timestamp {t_test} ({fractions}; timestamps tie there); raise validation_fraction"
+        )

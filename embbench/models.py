@@ -38,7 +38,9 @@ class RecModel(nn.Module, ABC):
     """Base class of user-item model plugins: forward(user IDs [B], item IDs [B]) -> logits [B].
 
     ``embeddings`` has the features ``user`` and ``item`` (a :class:`FeatureEmbeddings`, or a mapping of
-    modules, which is wrapped in one); both are looked up in one call per batch.
+    modules, which is wrapped in one); both are looked up in one call per batch. Where ``embeddings`` has bag
+    features (:mod:`embbench.bags`), a user's or an item's vector is its own embedding plus the pooled embedding
+    of each of its bags (their sum): ``user_vectors`` and ``item_vectors``, which ``interact`` scores.
     """
 
     summary: ClassVar[str] = ""
@@ -63,7 +65,21 @@ class RecModel(nn.Module, ABC):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         vectors = self.embeddings({"user": users, "item": items})
-        return self.interact(vectors["user"], vectors["item"])
+        return self.interact(self._with_bags(vectors, "user"), self._with_bags(vectors, "item"))
+
+    def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        """The vectors [N, dim] ``interact`` scores for ``users``: their embeddings plus their bags'."""
+        return self._with_bags(self.embeddings({"user": users}), "user")
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """The vectors [N, dim] ``interact`` scores for ``items``: their embeddings plus their bags'."""
+        return self._with_bags(self.embeddings({"item": items}), "item")
+
+    def _with_bags(self, vectors: Mapping[str, torch.Tensor], owner: str) -> torch.Tensor:
+        total = vectors[owner]
+        for bag in self.embeddings.bags_of(owner):
+            total = total + vectors[bag]
+        return total
 
     @abstractmethod
     def interact(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ A built module may also offer, and the core uses when present:
   collision statistics (:mod:`embbench.measure.collisions`);
 - ``on_epoch_end(epoch: int) -> None``: called by the trainer after each training epoch (e.g. CCE
   re-clusters there). It must not change the module's size.
+
+A scheme instance may instead embed all of a cell's features with one shared set of weights
+(:attr:`Scheme.shares_features`): :meth:`Scheme.plan_shared` plans it once within the sum of the features' budgets,
+:meth:`Scheme.build_shared` builds one module per feature over the shared tensors, and their size is counted once
+(:func:`distinct_plans`, :func:`build_features`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import inspect
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -36,6 +41,8 @@ FLOAT_BYTES = 4
 ID_BYTES = 8
 
 UNSEEN_KINDS = ("dedicated", "collided", "generated")
+#: how a scheme that offers it shares one module across a cell's features: "none" (a module per feature) or "all"
+SHARE_MODES = ("none", "all")
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,9 @@ class SchemePlan:
 
     ``unseen`` is how this plan embeds IDs never seen in training, where the plan decides it (one of
     ``UNSEEN_KINDS``); None means the scheme class's ``unseen`` (see :meth:`Scheme.unseen_for`).
+    ``shared_by`` names the features whose modules share this plan's weights (:meth:`Scheme.plan_shared`), in
+    the order the module was built for; their size and budget are this plan's, counted once for all of them.
+    Empty for the plan of one feature's own module.
     """
 
     scheme: str
@@ -185,6 +195,7 @@ class SchemePlan:
     budget_bytes: int
     notes: dict[str, Any] = field(default_factory=dict)
     unseen: str | None = None
+    shared_by: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.unseen is not None and self.unseen not in UNSEEN_KINDS:
@@ -222,6 +233,24 @@ class Scheme(ABC):
     @abstractmethod
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         """The embedding module for ``plan``: forward(int64 [N]) -> float [N, feature.dim]."""
+
+    @property
+    def shares_features(self) -> bool:
+        """Whether this instance embeds all of a cell's features (two or more) with one shared set of weights,
+        through :meth:`plan_shared` and :meth:`build_shared`, instead of a module per feature. False here; a
+        scheme that implements them says True where its parameters ask for it (``dhe``'s ``share = "all"``)."""
+        return False
+
+    def plan_shared(self, features: Sequence[FeatureSpec], budget_bytes: int) -> SchemePlan:
+        """One plan for the shared weights of all ``features`` within ``budget_bytes`` (the sum of their budgets),
+        its ``shared_by`` their names in order; raise :class:`BudgetTooSmall` if impossible."""
+        raise NotImplementedError(f"scheme '{self.name}' cannot share one module across features")
+
+    def build_shared(self, features: Sequence[FeatureSpec], plan: SchemePlan, seed: int) -> dict[str, nn.Module]:
+        """A module per feature of ``plan.shared_by``, by name, each forward(int64 [N]) -> float [N, dim] like
+        :meth:`build`'s, holding the same shared tensors: their state together, shared tensors once, is
+        ``plan.size_bytes``."""
+        raise NotImplementedError(f"scheme '{self.name}' cannot share one module across features")
 
     @property
     def name(self) -> str:
@@ -341,3 +370,57 @@ def build_planned(scheme: Scheme, scheme_name: str, feature: FeatureSpec, plan: 
             f"stores {actual} bytes; this is a bug in the scheme's size formula"
         )
     return module
+
+
+def modules_size_bytes(modules: Iterable[nn.Module]) -> int:
+    """Bytes ``modules`` store together: the state of each, tensors shared between them counted once."""
+    return tensor_bytes(tensor for module in modules for tensor in module.state_dict(keep_vars=True).values())
+
+
+def distinct_plans(plans: Mapping[str, SchemePlan]) -> list[SchemePlan]:
+    """The plan of each module once: a feature's own plan, and a shared plan once for all its ``shared_by``.
+    Sizes and budgets of a cell's features add up over these."""
+    seen: set[tuple[str, ...]] = set()
+    distinct = []
+    for plan in plans.values():
+        if plan.shared_by:
+            if plan.shared_by in seen:
+                continue
+            seen.add(plan.shared_by)
+        distinct.append(plan)
+    return distinct
+
+
+def build_features(
+    scheme: Scheme,
+    scheme_name: str,
+    features: Mapping[str, FeatureSpec],
+    plans: Mapping[str, SchemePlan],
+    seeds: Mapping[str, int],
+) -> dict[str, nn.Module]:
+    """Every feature's module from its plan and seed, by feature name, each stated size held equal to the state:
+    a feature's own module alone (:func:`build_planned`); the modules of a shared plan built together by
+    :meth:`Scheme.build_shared` from its first feature's seed, and held to the plan's size together."""
+    modules: dict[str, nn.Module] = {}
+    for name, feature in features.items():
+        plan = plans[name]
+        if not plan.shared_by:
+            modules[name] = build_planned(scheme, scheme_name, feature, plan, seeds[name])
+            continue
+        if name in modules:
+            continue
+        group = plan.shared_by
+        built = scheme.build_shared([features[member] for member in group], plan, seeds[group[0]])
+        if sorted(built) != sorted(group):
+            raise RuntimeError(
+                f"scheme '{scheme_name}' built shared modules for {sorted(built)}, not for {sorted(group)}"
+            )
+        actual = modules_size_bytes(built.values())
+        if actual != plan.size_bytes:
+            raise RuntimeError(
+                f"scheme '{scheme_name}' states {plan.size_bytes} bytes for the module shared by "
+                f"{', '.join(group)} but the modules store {actual} bytes together; this is a bug in the "
+                "scheme's size formula"
+            )
+        modules.update(built)
+    return {name: modules[name] for name in features}

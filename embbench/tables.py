@@ -211,7 +211,14 @@ class TableBackedEmbedding(nn.Module):
     Subclasses create their tables in ``__init__`` and implement :meth:`lookups` and :meth:`combine`;
     ``forward(ids)`` = ``combine(ids, [pooled rows of each lookup])``. Every call of ``lookups`` must read the
     same tables in the same order, each table ``table.lookups`` times, for any batch.
+
+    ``combine_is_linear`` (a class attribute, or set per instance) says that ``combine`` is linear in the pooled
+    rows (sums, scalings, concatenations, projections; not a product of two reads) and reads of ``ids`` only
+    their number and device: a bag of IDs (:mod:`embbench.bags`) then pools all its IDs' rows in the table
+    kernel before one ``combine``. Otherwise each ID of a bag is embedded and the embeddings pooled.
     """
+
+    combine_is_linear: bool = False
 
     @abstractmethod
     def lookups(self, ids: torch.Tensor) -> Sequence[Lookup]:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from embbench.data import Dataset
+from embbench.bags import BagSource
+from embbench.data import LEAVE_LAST_OUT, Dataset
 from embbench.schemes import FeatureSpec
 from embbench.training import EpochRows, TrainConfig, TrainResult, TrainStep, fit
 
@@ -27,11 +28,13 @@ METRIC_COLUMNS = {"auc": "auc", "hr@10": "hr10", "ndcg@10": "ndcg10", "logloss":
 
 @dataclass
 class TaskData:
-    """A dataset prepared for a task: the features schemes are planned for, and the task's own payload."""
+    """A dataset prepared for a task: the features schemes are planned for, and the task's own payload.
+    ``bags`` holds the lists of each bag feature among ``features`` (:func:`embbench.bags.attach_bags`)."""
 
     features: dict[str, FeatureSpec]
     payload: Any
     summary: dict[str, int] = field(default_factory=dict)
+    bags: dict[str, BagSource] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -45,10 +48,22 @@ class Task(ABC):
     metrics: ClassVar[tuple[str, ...]]
     #: metrics training may early-stop on
     early_stopping: ClassVar[tuple[str, ...]] = ("auc",)
+    #: features a dataset's bag features (``Dataset.bag_features``) can attach to, their lists keyed by the
+    #: feature's IDs (:meth:`bag_source`); the model adds the pooled bags to them (``RecModel`` does). Empty: the
+    #: task takes no bags
+    bag_owners: ClassVar[tuple[str, ...]] = ()
+    #: split protocols (the suite setting ``split``) the task holds data out by: leave-last-out stands for the
+    #: task's own hold-out and is the default; any other arrives as ``prepare(dataset, dim, split=SplitProtocol)``
+    splits: ClassVar[tuple[str, ...]] = (LEAVE_LAST_OUT,)
 
     @abstractmethod
     def prepare(self, dataset: Dataset, dim: int) -> TaskData:
         """Load and split ``dataset``; raise ConfigError in one line when the dataset does not suit the task."""
+
+    def bag_source(self, data: TaskData, source: BagSource) -> BagSource:
+        """A dataset's bag feature keyed by the IDs this task gives feature ``source.owner``: as it is where those
+        are the dataset's raw IDs; a task that renumbers them renumbers the keys."""
+        return source
 
     @abstractmethod
     def build_model(

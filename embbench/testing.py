@@ -363,6 +363,53 @@ def check_collection_matches_standalone(
     return f"checked {', '.join(checked)}{note}"
 
 
+def check_bags_pool_embeddings(scheme: str | Scheme, params: Mapping[str, Any] | None = None, dim: int = 16) -> str:
+    """A bag of IDs (:mod:`embbench.bags`) embeds as the sum, or the mean, of its IDs' embeddings and an empty bag
+    as zeros, standalone and, for a table-backed module, through the collection's kernels. A module with its own
+    ``embed_bags`` (DHE pooling encodings) is held to one-ID bags embedding as the ID and empty bags as zeros."""
+    from embbench.bags import BAG_MODES, Bags, bag_route, embed_bags
+    from embbench.collection import FeatureEmbeddings, TableTraining, torchrec_available
+    from embbench.tables import TableBackedEmbedding
+
+    subject = _Subject(scheme, params, dim)
+    module = subject.build_default()
+    module.eval()
+    route = bag_route(module)
+    generator = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([1, 1] if route == "own" else [3, 0, 1, 5, 0, 2])
+    values = torch.randint(0, VOCABULARY + 500, (int(lengths.sum()),), generator=generator)
+    if route != "own":
+        values[1] = values[0]  # an ID twice in one bag
+    lengths = torch.cat((lengths, torch.zeros(1, dtype=torch.int64)))  # an empty bag last
+    offsets = torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)))
+    with torch.no_grad():
+        singles = [module(values[start:stop]) if stop > start else None
+                   for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+    zeros = torch.zeros(dim)
+    embedded = [("standalone", module)]
+    note = ""
+    if isinstance(module, TableBackedEmbedding):
+        for backend, optimizer in COLLECTION_TRAININGS:
+            if backend == "torchrec" and not torchrec_available():
+                note = "; torchrec is not available here"
+                continue
+            embeddings = FeatureEmbeddings({"f": copy.deepcopy(module)}, TableTraining(backend, optimizer)).eval()
+            embedded.append((f"through the collection ({backend}, {optimizer})", embeddings["f"]))
+    for mode in BAG_MODES:
+        want = torch.stack([
+            zeros if rows is None else rows.sum(0) / (len(rows) if mode == "mean" else 1) for rows in singles
+        ])
+        for where, embedder in embedded:
+            with torch.no_grad():
+                got = embed_bags(embedder, Bags(values, offsets, mode))
+            try:
+                torch.testing.assert_close(got, want, **COLLECTION_TOLERANCE)
+            except AssertionError as exc:
+                raise CheckFailed(f"{where}, {mode} bags (route '{route}') embed otherwise than the {mode} of their "
+                                  f"IDs' embeddings: {' '.join(str(exc).split())}") from None
+    return f"route '{route}': checked {', '.join(where for where, _ in embedded)}{note}"
+
+
 #: every check, in the order they run. Each takes a scheme (a registered name, or a Scheme instance), optional
 #: hyper-parameters and the embedding dimension; it returns a note ("", or why it did not apply) when the scheme
 #: keeps that part of the contract and raises AssertionError saying what broke when not.
@@ -379,6 +426,7 @@ CHECKS: tuple[Callable[..., str], ...] = (
     check_index_tuples,
     check_epoch_end_keeps_size,
     check_collection_matches_standalone,
+    check_bags_pool_embeddings,
 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from embbench import registry
+from embbench.bags import select_bags
 from embbench.data import features_of, prepare_split
 from embbench.errors import BudgetTooSmall
 from embbench.run.suites import builtin_suites, parse_suite
@@ -18,7 +19,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHIPPED = sorted(builtin_suites())
 # Folder of each real dataset in ../shared/data; synthetic data needs none.
 DATA_FOLDERS = {"movielens-100k": "movielens-100k", "movielens-1m": "movielens-1m",
-                "movielens-latest": "movielens-latest-small", "criteo": "criteo-sample", "avazu": "avazu-sample"}
+                "movielens-latest": "movielens-latest-small", "criteo": "criteo-sample", "avazu": "avazu-sample",
+                "amazon-reviews": "amazon-musical-instruments-5core"}
 GENERATED = {"synthetic", "synthetic-ctr"}
 PAPER_SUITES = ("dhe-paper-budgets", "dhe-paper-ablations", "bh-paper", "efficiency", "peer-cce-ml1m")
 
@@ -65,8 +67,10 @@ def test_suite_passes_the_runners_validation(
     monkeypatch.setenv("EMBBENCH_CACHE_DIR", str(shared_cache))
     for quick in (False, True):
         prepared = prepare(name, data_dir=SHARED_DATA, quick=quick)
-        assert prepared.cells and all(set(run.plans) == set(prepared.data[run.trained.dataset.label].features)
-                                      for run in prepared.runs)
+        assert prepared.cells and all(
+            set(run.plans) == set(select_bags(prepared.data[run.trained.dataset.label], run.trained["bags"]).features)
+            for run in prepared.runs
+        )
 
 
 def test_ablation_labels_name_one_change_each() -> None:

@@ -109,6 +109,14 @@ def _embeddings(model: nn.Module) -> FeatureEmbeddings | None:
 def _check_quantizable(embeddings: FeatureEmbeddings | None, precision: str) -> TableCollection:
     if embeddings is None or embeddings.tables is None:
         raise QuantizationUnavailable("no embedding tables to quantise")
+    for name, module in embeddings.features.items():
+        # A module that stores its own compressed form (quantised codes, a sparse form, product-quantisation
+        # codes) trains tables that are not what it stores: quantising those would measure nothing real.
+        if not getattr(module, "post_training_quantizable", True):
+            raise QuantizationUnavailable(
+                f"feature '{name}': its scheme stores its own compressed form, not its training tables; "
+                "post-training quantisation does not apply (keep precisions = [\"fp32\"] for it)"
+            )
     if not torchrec_available():
         raise QuantizationUnavailable("quantised tables need torchrec and fbgemm, which cannot be imported here")
     bits = PRECISION_BITS[precision]

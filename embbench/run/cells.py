@@ -151,6 +151,8 @@ def expand(suite: Suite, world_size: int, provenance: Mapping[str, Any], threads
         for budget in budgets:
             for values in itertools.product(*(suite.settings[s.name] for s in axes)):
                 settings = {**fixed, "budget": budget, **{s.cell_name: v for s, v in zip(axes, values, strict=True)}}
+                if scheme.bags is not None:  # the entry's own bag features
+                    settings["bags"] = list(scheme.bags)
                 derive(settings)
                 cells.append(Cell(suite.name, dataset, model, scheme, settings, world_size, threads, origin))
     return cells

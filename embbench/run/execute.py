@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from embbench.bags import BagIndex, select_bags
 from embbench.collection import FeatureEmbeddings
 from embbench.errors import Diverged
 from embbench.measure.environment import device_name, environment, git_commit, host
@@ -29,7 +30,7 @@ from embbench.run.record import SHARED_FIELDS
 from embbench.run.resolve import Run
 from embbench.run.settings import BASE_PRECISION
 from embbench.run.tuning import tuning_record
-from embbench.schemes import FeatureSpec, build_planned, full_table_bytes
+from embbench.schemes import FeatureSpec, build_features, distinct_plans, full_table_bytes
 from embbench.tables import TableInit, initialise_tables
 from embbench.tasks import Task, TaskData, metric_record
 from embbench.training import PlainStep, TrainConfig, TrainResult
@@ -48,18 +49,18 @@ def table_init(cell: Cell) -> TableInit | None:
 
 def build_model(run: Run, task: Task, data: TaskData, sharded_tables: bool | None = None) -> nn.Module:
     """The run's model on its device: each feature's module built from its plan and seed (its stated size
-    held equal to its state), all in one :class:`FeatureEmbeddings` as the placement says."""
+    held equal to its state; the modules of a shared plan built and counted together), all in one
+    :class:`FeatureEmbeddings` as the placement says."""
     assert run.placement is not None
-    modules = {
-        name: build_planned(run.scheme, run.trained.scheme.name, feature, run.plans[name], run.feature_seeds[name])
-        for name, feature in data.features.items()
-    }
+    data = select_bags(data, run.trained["bags"])
+    modules = build_features(run.scheme, run.trained.scheme.name, data.features, run.plans, run.feature_seeds)
     init = table_init(run.trained)
     if init is not None:  # the suite's init overrides the schemes' own, before the collection takes the rows
         for module in modules.values():
             initialise_tables(module, init)
     tables = run.placement.tables
-    embeddings = FeatureEmbeddings(modules, tables)
+    bags = {name: BagIndex(source, run.trained["bag_mode"]) for name, source in data.bags.items()}
+    embeddings = FeatureEmbeddings(modules, tables, bags)
     torch.manual_seed(run.trained.seed)
     model = task.build_model(run.model_class, embeddings, data, run.trained["dim"], dict(run.model_params))
     return model.to(run.placement.device)
@@ -86,11 +87,13 @@ def base_record(cell: Cell, run: Run, features: dict[str, FeatureSpec]) -> dict[
             name: {
                 "params": plan.params, "size_bytes": plan.size_bytes, "budget_bytes": plan.budget_bytes,
                 "unseen": run.scheme.unseen_for(plan), "notes": plan.notes,
+                **({"shared_by": list(plan.shared_by)} if plan.shared_by else {}),
             }
             for name, plan in run.plans.items()
         },
-        "size_bytes": sum(p.size_bytes for p in run.plans.values()),
-        "budget_bytes": sum(p.budget_bytes for p in run.plans.values()),
+        # a plan shared by several features once: its module is stored once
+        "size_bytes": sum(p.size_bytes for p in distinct_plans(run.plans)),
+        "budget_bytes": sum(p.budget_bytes for p in distinct_plans(run.plans)),
         "full_bytes": sum(full_table_bytes(f.vocabulary, f.dim) for f in features.values()),
         "embedding_optimizer": cell["embedding_optimizer"],
         "embedding_learning_rate": cell["embedding_learning_rate"],
@@ -116,6 +119,7 @@ def execute(
     """Train ``run`` once and give a record for each of its cells (or only those whose key is in ``only``),
     in order. Records of other ranks than the main one are not meant to be stored."""
     cells = [cell for cell in run.cells if only is None or cell.key in only]
+    data = select_bags(data, run.trained["bags"])  # the run's own bag features, of all the suite attached
     record, model = _train(run, task, data, on_epoch, is_main)
     records = []
     for cell in cells:

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from embbench import registry
+from embbench.bags import select_bags
 from embbench.collection import FUSED_OPTIMIZERS, TableTraining, torchrec_available
 from embbench.errors import BudgetTooSmall, ConfigError, EmbbenchError, PluginError
 from embbench.run.cells import Cell
 from embbench.run.settings import BASE_PRECISION, BUDGET_SPLITS
-from embbench.schemes import Budget, FeatureSpec, Scheme, SchemePlan, full_table_bytes
+from embbench.schemes import Budget, FeatureSpec, Scheme, SchemePlan, distinct_plans, full_table_bytes
 from embbench.tasks import Task, TaskData
 from embbench.training import TrainConfig
 
@@ -61,8 +62,13 @@ def plan_features(
     features share what is left in the same proportions; repeated until every feature fits, or the budget
     cannot hold the minimums (BudgetTooSmall). A plan that raises anything else is one clean error naming the
     scheme.
+
+    A scheme that :attr:`~embbench.schemes.Scheme.shares_features` plans one module for all the features (two or
+    more) within the sum of their shares; every feature holds that one plan.
     """
     shares = allocate(budget, features, split)
+    if getattr(scheme, "shares_features", False) and len(features) > 1:
+        return _plan_shared(scheme, features, sum(shares.values()))
     total = sum(shares.values())
     floors: dict[str, int] = {}
     for _ in range(len(features) + 1):
@@ -92,19 +98,34 @@ def plan_features(
 
 
 def _plan(scheme: Scheme, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
+    return _checked_plan(scheme, lambda: scheme.plan(feature, budget_bytes), f"feature '{feature.name}'",
+                         budget_bytes, "plan")
+
+
+def _plan_shared(scheme: Scheme, features: Mapping[str, FeatureSpec], budget_bytes: int) -> dict[str, SchemePlan]:
+    """The one plan of ``scheme``'s module shared by all ``features``, for each of them."""
+    names = tuple(features)
+    plan = _checked_plan(scheme, lambda: scheme.plan_shared(list(features.values()), budget_bytes),
+                         f"features {', '.join(names)}", budget_bytes, "plan_shared")
+    if plan.shared_by != names:
+        raise PluginError(f"scheme '{plan.scheme}'.plan_shared states shared_by={plan.shared_by}, not {names}")
+    return {name: plan for name in names}
+
+
+def _checked_plan(
+    scheme: Scheme, planning: Callable[[], SchemePlan], what: str, budget_bytes: int, method: str
+) -> SchemePlan:
     name = getattr(scheme, "name", "") or type(scheme).__name__
     try:
-        plan = scheme.plan(feature, budget_bytes)
+        plan = planning()
     except (BudgetTooSmall, EmbbenchError):
         raise
     except ValueError as exc:
         raise ConfigError(f"scheme '{name}': {exc}") from None
     except (Exception, SystemExit) as exc:  # a plugin's bug (or its sys.exit) must not become a traceback
-        raise PluginError(
-            f"scheme '{name}' failed to plan feature '{feature.name}': {type(exc).__name__}: {exc}"
-        ) from None
+        raise PluginError(f"scheme '{name}' failed to plan {what}: {type(exc).__name__}: {exc}") from None
     if not isinstance(plan, SchemePlan):
-        raise PluginError(f"scheme '{name}'.plan returned {type(plan).__name__}, not a SchemePlan")
+        raise PluginError(f"scheme '{name}'.{method} returned {type(plan).__name__}, not a SchemePlan")
     if plan.size_bytes > budget_bytes:
         raise BudgetTooSmall(name, budget_bytes, plan.size_bytes)
     return plan
@@ -209,7 +230,7 @@ def place(cell: Cell, device: torch.device, where: str) -> tuple[Placement | Non
 
 def memory_refusal(plans: Mapping[str, SchemePlan], tables: TableTraining, available: int | None) -> str | None:
     """Why the cell's embeddings cannot be trained in ``available`` bytes, or None when they fit."""
-    size = sum(plan.size_bytes for plan in plans.values())
+    size = sum(plan.size_bytes for plan in distinct_plans(plans))
     factor = training_memory_factor(tables)
     needed = int(size * factor)
     if available is None or needed <= available * MEMORY_HEADROOM:
@@ -238,7 +259,7 @@ def resolve_runs(
     scheme cannot meet is a ConfigError naming the entry, the budget and the dataset.
     """
     schemes: dict[str, Scheme] = {}
-    plans: dict[tuple[str, str, str, str], dict[str, SchemePlan]] = {}
+    plans: dict[tuple[str, str, str, str, tuple[str, ...]], dict[str, SchemePlan]] = {}
     runs: dict[str, list[Cell]] = {}
     for cell in cells:
         runs.setdefault(cell.trained.key, []).append(cell)
@@ -249,9 +270,9 @@ def resolve_runs(
         if entry.where not in schemes:
             schemes[entry.where] = registry.create("schemes", entry.name, where=entry.where, **entry.params)
         scheme = schemes[entry.where]
-        features = data[cell.dataset.label].features
+        features = select_bags(data[cell.dataset.label], cell["bags"]).features
         split = cell["budget_split"]
-        plan_key = (entry.where, cell.budget, cell.dataset.label, split)
+        plan_key = (entry.where, cell.budget, cell.dataset.label, split, tuple(cell["bags"]))
         if plan_key not in plans:
             try:
                 plans[plan_key] = plan_features(scheme, features, Budget.parse(cell.budget), split)

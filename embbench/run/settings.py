@@ -10,7 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from embbench.bags import BAG_MODES
 from embbench.collection import TABLE_OPTIMIZERS
+from embbench.data import LEAVE_LAST_OUT, SPLIT_PROTOCOLS, SplitProtocol
 from embbench.errors import ConfigError, closest
 from embbench.optimizers import ADAM_VARIANTS
 from embbench.schemes import Budget
@@ -66,7 +68,7 @@ class Setting:
 
     @property
     def is_list(self) -> bool:
-        return self.role == AXIS or self.name == "latency_batch_sizes"
+        return self.role == AXIS or self.name in ("latency_batch_sizes", "bags")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -120,9 +122,26 @@ SETTINGS: tuple[Setting, ...] = (
             "a validation value of the early-stopping metric (auc when early_stopping is none) to record the "
             "epochs, training seconds and steps to reach (epochs_to_target, ...); default: none",
             minimum=-1e6, maximum=1e6, omit_default=True),
+    Setting("bags", "str", [], CELL,
+            "bag (multivalent) features of the dataset to embed, e.g. [\"genres\"]: each a feature of its own, "
+            "planned from the budget like any, its pooled embedding added to its user's or item's vector; a "
+            "[[schemes]] entry's own bags replace these",
+            allow_empty=True, omit_default=True),
+    Setting("bag_mode", "str", "mean", CELL, "how a bag's embeddings are pooled: mean or sum",
+            choices=BAG_MODES, omit_default=True),
     Setting("budget_split", "str", "proportional", CELL,
             "how a budget is shared over a cell's features: proportional (to their full tables) or equal (bytes)",
             choices=BUDGET_SPLITS, omit_default=True),
+    Setting("split", "str", LEAVE_LAST_OUT, CELL,
+            "how interactions are held out: leave-last-out (per user, the last two by time; each task's own "
+            "hold-out) or global-temporal (one cut-off time for every user: train before it; ranking only)",
+            choices=SPLIT_PROTOCOLS, omit_default=True),
+    Setting("validation_fraction", "float", SplitProtocol.validation_fraction, CELL,
+            "global-temporal: the share of interactions, by time, in the validation period (before the test "
+            "period)", positive=True, maximum=0.9, omit_default=True),
+    Setting("test_fraction", "float", SplitProtocol.test_fraction, CELL,
+            "global-temporal: the share of interactions, by time, in the test period (the latest)",
+            positive=True, maximum=0.9, omit_default=True),
     Setting("budgets", "budget", ["1"], AXIS, "size budgets: fractions of the full tables ('1/4') or bytes ('64MB')",
             cell_name="budget"),
     Setting("devices", "str", ["cpu"], AXIS, "devices: cpu, cuda, auto", choices=DEVICES, cell_name="device"),
@@ -144,7 +163,7 @@ BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
 ENTRY_SECTIONS: dict[str, tuple[str, ...]] = {
     "datasets": ("name", "params", "label"),
     "models": ("name", "params", "label"),
-    "schemes": ("name", "params", "label", "budgets", "search"),
+    "schemes": ("name", "params", "label", "budgets", "search", "bags"),
 }
 #: the keys of a [[references]] entry (a published number to compare with; not part of any cell): required
 #: first, then optional
@@ -166,6 +185,23 @@ def derive(cell: dict[str, Any]) -> dict[str, Any]:
     if cell.get("embedding_learning_rate") is None:
         cell["embedding_learning_rate"] = table_learning_rate(cell["embedding_optimizer"], cell["learning_rate"])
     return cell
+
+
+def split_protocol(values: Mapping[str, Any], where: str = "") -> SplitProtocol:
+    """The split protocol of a suite's (or a cell's) settings; the fractions apply to global-temporal only."""
+    location = f"{where}: " if where else ""
+    fractions = ("validation_fraction", "test_fraction")
+    if values["split"] == LEAVE_LAST_OUT:
+        changed = [name for name in fractions if values[name] != BY_NAME[name].default]
+        if changed:
+            raise ConfigError(
+                f"{location}'{changed[0]}' applies to split = \"global-temporal\" only; set split = "
+                f"\"global-temporal\" or remove '{changed[0]}'"
+            )
+    try:
+        return SplitProtocol(values["split"], values["validation_fraction"], values["test_fraction"])
+    except ConfigError as exc:
+        raise ConfigError(f"{location}{exc}") from None
 
 
 def _type_name(setting: Setting) -> str:
@@ -258,6 +294,7 @@ def parse_settings(raw: Mapping[str, Any], where: str, quick: bool) -> dict[str,
     checked = {name: check_setting(BY_NAME[name], value, f"{where}: [quick]") for name, value in overrides.items()}
     if quick:
         values.update(checked)
+    split_protocol(values, where)
     return values
 
 

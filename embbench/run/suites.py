@@ -52,6 +52,8 @@ class Entry:
     budgets: tuple[str, ...] = ()
     #: a scheme entry's own search dimensions (added to the suite's [tuning] space)
     search: tuple[Dimension, ...] = ()
+    #: a scheme entry's own bag features (the suite's ``bags`` otherwise): with and without bags side by side
+    bags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def _entries(raw: Mapping[str, Any], section: str, where: str) -> list[Entry]:
         search: tuple[Dimension, ...] = ()
         if "search" in item:
             search = parse_space(item["search"], f"{spot}: search")
-        entries.append(Entry(item["name"], params, label, f"{spot} ({item['name']})", budgets, search))
+        bags = tuple(check_setting(BY_NAME["bags"], item["bags"], spot)) if "bags" in item else None
+        entries.append(Entry(item["name"], params, label, f"{spot} ({item['name']})", budgets, search, bags))
     return entries
 
 
@@ -299,6 +302,8 @@ def _entry_lines(section: str, entry: Entry) -> list[str]:
         lines.append(f"budgets = {toml_value(list(entry.budgets))}")
     if entry.search:
         lines.append(f"search = {toml_value(space_table(entry.search))}")
+    if entry.bags is not None:
+        lines.append(f"bags = {toml_value(list(entry.bags))}")
     return lines
 
 
@@ -340,6 +345,7 @@ def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:
     axis_values: dict[str, list[Any]] = {s.name: [] for s in SETTINGS if s.role == AXIS}
     entries: dict[str, dict[str, Entry]] = {"datasets": {}, "models": {}, "schemes": {}}
     scheme_budgets: dict[str, list[str]] = {}
+    scheme_bags: dict[str, list[str]] = {}  # the bag features of each scheme entry (its cells share them)
     for config in configs:
         for setting in SETTINGS:
             if setting.role == AXIS and setting.cell_name in config:
@@ -351,6 +357,7 @@ def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:
             label = item.get("label", item["name"])
             entries[section].setdefault(label, Entry(item["name"], dict(item.get("params", {})), label, ""))
         label = config["scheme"].get("label", config["scheme"]["name"])
+        scheme_bags.setdefault(label, list(config.get("bags", [])))
         budgets = scheme_budgets.setdefault(label, [])
         if config["budget"] not in budgets:
             budgets.append(config["budget"])
@@ -358,6 +365,8 @@ def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:
     values = {s.name: first[s.name] for s in SETTINGS if s.role not in (AXIS, META) and s.name in first}
     notes = []  # settings that differ between stored cells (a suite edited between runs)
     for name in values:
+        if name == "bags":  # several values: the scheme entries' own (below)
+            continue
         distinct: list[Any] = []
         for config in configs:
             if name in config and config[name] not in distinct:
@@ -373,9 +382,11 @@ def configuration_toml(suite: str, configs: Iterable[Mapping[str, Any]]) -> str:
     # The suite's budgets are the first scheme's; a scheme swept over others lists its own.
     values["budgets"] = next(iter(scheme_budgets.values()))
     schemes = []
+    suite_bags = list(values.get("bags", []))
     for label, entry in entries["schemes"].items():
         own = () if scheme_budgets[label] == values["budgets"] else tuple(scheme_budgets[label])
-        schemes.append(Entry(entry.name, entry.params, label, "", own))
+        bags = None if scheme_bags[label] == suite_bags else tuple(scheme_bags[label])
+        schemes.append(Entry(entry.name, entry.params, label, "", own, bags=bags))
     rebuilt = Suite(
         suite, Path(f"{suite}.toml"), "", "", values,
         list(entries["datasets"].values()), list(entries["models"].values()), schemes,

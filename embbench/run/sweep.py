@@ -23,6 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from embbench import registry
+from embbench.bags import attach_bags
+from embbench.data import LEAVE_LAST_OUT
 from embbench.distributed import barrier, init_from_env
 from embbench.distributed.launch import launched_by_torchrun
 from embbench.errors import ConfigError, EmbbenchError
@@ -31,6 +33,7 @@ from embbench.models import RESERVED_ARGUMENTS
 from embbench.run.cells import Cell
 from embbench.run.execute import execute
 from embbench.run.resolve import MEMORY_HEADROOM, Run, resolve_runs
+from embbench.run.settings import split_protocol
 from embbench.run.store import DEFAULT_DB, LEASE_SECONDS, ResultStore, new_owner
 from embbench.run.suites import Entry, Suite, find_suite, parse_suite
 from embbench.run.tuning import check_suite_tuning, resolve_each, tuning_rounds
@@ -141,16 +144,26 @@ def prepare(
             f"{suite.path}: early_stopping 'none' watches {DEFAULT_MONITOR} for lr_schedule and target_val_metric, "
             f"which task '{settings['task']}' does not measure; use one of {', '.join(task.early_stopping)}"
         )
+    protocol = split_protocol(settings, str(suite.path))
+    if protocol.kind not in task.splits:
+        raise ConfigError(
+            f"{suite.path}: split '{protocol.kind}' is not one task '{settings['task']}' holds data out by; use "
+            f"{' or '.join(task.splits)}"
+        )
+    split_argument = {} if protocol.kind == LEAVE_LAST_OUT else {"split": protocol}
     for entry in suite.schemes:
         registry.create("schemes", entry.name, where=entry.where, **entry.params)
     for entry in suite.models:
         _check_model_entry(entry, task, settings["dim"])
     data = {}
+    # every bag feature a cell embeds is attached once; each run plans and builds only its own (select_bags)
+    bags = list(dict.fromkeys([*settings["bags"], *(bag for entry in suite.schemes for bag in entry.bags or ())]))
     for entry in suite.datasets:
         registry.check_params("datasets", entry.name, entry.params, entry.where)
         dataset = registry.create("datasets", entry.name, where=entry.where, data_dir=data_dir, **entry.params)
         try:
-            data[entry.label] = task.prepare(dataset, settings["dim"])
+            prepared = task.prepare(dataset, settings["dim"], **split_argument)
+            data[entry.label] = attach_bags(task, dataset, prepared, bags)
         except EmbbenchError as exc:
             raise type(exc)(f"{entry.where}: {exc}") from None
     check_suite_tuning(suite)

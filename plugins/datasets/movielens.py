@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from embbench import DataNotFound, Dataset, download_archive, find_file, read_table
+from embbench import BagSource, DataNotFound, Dataset, download_archive, find_file, read_table
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 _HASH_CHUNK_BYTES = 1 << 20
@@ -150,6 +150,11 @@ class _MovieLensFiles(Dataset):
             return read_table(path, **read_csv_kwargs)
         except (OSError, EOFError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise self._unreadable(path, exc) from None
+
+    def bag_features(self) -> dict[str, BagSource]:
+        """``genres``: each movie's genres, a bag of genre IDs (the columns of its side features, in order)."""
+        side = self.item_side_features()
+        return {} if side is None else {"genres": BagSource.from_multi_hot("item", side)}
 
 
 def genre_multi_hot(items: pd.Series, genres: pd.Series) -> pd.DataFrame:

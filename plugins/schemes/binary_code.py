@@ -134,6 +134,8 @@ def binary_code_bits(dense: torch.Tensor, code_bits: int) -> torch.Tensor:
 class BinaryCodeLookup(TableBackedEmbedding):
     """IDs -> dense index -> L-bit code -> k block values (rows) -> pooled block rows."""
 
+    combine_is_linear = True  # a sum (or mean) of block rows: a bag pools its rows in the table kernel
+
     def __init__(
         self, vocabulary, lengths: list[int], strategy: str, fusion: str, shared_table: bool, dim: int, seed: int
     ) -> None:

@@ -155,6 +155,8 @@ class CCELookup(TableBackedEmbedding):
     S slots, and a_j, g_j are the learned assignment and a hash of the slot.
     """
 
+    combine_is_linear = True  # a concatenation of sums of rows: a bag pools its rows in the table kernel
+
     def __init__(
         self,
         assignment: str,

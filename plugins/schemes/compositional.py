@@ -68,6 +68,8 @@ class CompositionalLookup(TableBackedEmbedding):
         super().__init__()
         self.index = VocabularyIndex(vocabulary)
         self.operation = operation
+        # add and concat are linear in the rows (a bag pools its rows in the table kernel); mult is not
+        self.combine_is_linear = operation != "mult"
         # Each partition's scale is chosen so that the combined embedding starts at DEFAULT_INIT_STD.
         count = len(sizes)
         init_std = {

@@ -12,11 +12,16 @@ et al., NeurIPS 2020). Decoder architectures (the paper's Table 7): ``equal`` wi
 Speed: the encoding is computed block by block from float64 hash values (see embbench.hashing) straight
 into float32, never as an int64 [N, k] tensor; in eval mode BatchNorm is folded into the preceding Linear;
 ``cache_known_ids`` / :meth:`DHEModule.freeze` keep the embeddings of known IDs for inference.
+
+With ``share = "all"`` one network embeds all of a cell's features (the paper's §6 future work), within the sum of
+their budgets; the feature enters the encoding as a salt of the hashes (each feature its own k hash functions,
+``share_indicator = "salted"``) or as a one-hot indicator appended to it (``"one-hot"``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,8 @@ from embbench import (
     FLOAT_BYTES,
     ID_BYTES,
     MERSENNE_PRIME,
+    SHARE_MODES,
+    Bags,
     BudgetTooSmall,
     FeatureSpec,
     HashFamily,
@@ -43,6 +50,12 @@ HASHED_ENCODINGS = ("uniform", "gaussian")
 #: encodings whose random parts are regenerated from one stored int64 seed (8 bytes of state)
 SEEDED_ENCODINGS = ("uniform", "gaussian", "random-fourier")
 ARCHITECTURES = ("equal", "pyramid", "inverted-pyramid", "residual", "densenet")
+#: how a bag of IDs is embedded: the pool of their embeddings, or the decoder of the pool of their encodings
+BAG_POOLINGS = ("embedding", "encoding")
+#: how a network shared by several features tells them apart (see DeepHashEmbedding.plan_shared)
+SHARE_INDICATORS = ("salted", "one-hot")
+#: feature i of a shared network hashes with the seed seed + SALT_STRIDE * i
+SALT_STRIDE = 7919
 MAX_WIDTH = 1 << 16
 #: IDs embedded at once when filling the inference cache, to bound memory (IDs x k floats)
 CACHE_CHUNK_IDS = 1 << 14
@@ -239,6 +252,12 @@ class DHEModule(nn.Module):
     The cache (``freeze(ids)``, or automatic for the training IDs with ``cache_known_ids``) is a derived
     artefact: non-persistent buffers, outside state_dict and the size; used only in eval mode without
     autograd (cached rows carry no gradient); dropped whenever the module trains or loads a state.
+
+    ``feature_code`` (float32 [F], one-hot) is appended to every ID's encoding when one encoder and decoder are
+    shared by F features, each through its own DHEModule: like the side features, input data, not state.
+
+    ``bag_pooling`` says how :meth:`embed_bags` pools a bag feature (:mod:`embbench.bags`): ``embedding`` (pool
+    the IDs' embeddings, as every scheme does) or ``encoding`` (decode the pooled encodings).
     """
 
     def __init__(
@@ -248,10 +267,14 @@ class DHEModule(nn.Module):
         known_ids: torch.Tensor | None = None,
         compile: bool = False,
         side: SideFeatureLookup | None = None,
+        feature_code: torch.Tensor | None = None,
+        bag_pooling: str = "embedding",
     ) -> None:
         super().__init__()
         self.encoder, self.decoder, self.side = encoder, decoder, side
+        self.bag_pooling = bag_pooling
         self.register_buffer("known_ids", known_ids, persistent=False)  # None unless cache_known_ids
+        self.register_buffer("feature_code", feature_code, persistent=False)  # None unless shared
         self.register_buffer("cached_ids", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("cached_embeddings", torch.empty(0, 0), persistent=False)
         self.compile = compile
@@ -266,10 +289,24 @@ class DHEModule(nn.Module):
         return torch.cat((tuples, side_bits), dim=1)
 
     def _compute(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self._encode(ids))
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for each ID: its encoding, and its side features or feature indicator."""
         code = self.encoder(ids)
         if self.side is not None:  # the side-feature enhanced encoding: [hash encoding; side features]
             code = torch.cat((code, self.side(ids)), dim=1)
-        return self.decoder(code)
+        if self.feature_code is not None:  # a shared network: [hash encoding; one-hot feature indicator]
+            code = torch.cat((code, self.feature_code.expand(code.shape[0], -1)), dim=1)
+        return code
+
+    def embed_bags(self, bags: Bags) -> torch.Tensor:
+        """Each bag's embedding [B, dim]: with ``bag_pooling`` "embedding" the pool of its IDs' embeddings; with
+        "encoding" the decoder of the pool of their encodings (one decoder pass per bag). Empty bags: zeros."""
+        if self.bag_pooling == "embedding":
+            return bags.pool(self(bags.values))
+        embedded = self.decoder(bags.pool(self._encode(bags.values)))
+        return embedded * (bags.lengths > 0).unsqueeze(1).to(embedded.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.compile:
@@ -339,6 +376,9 @@ class DeepHashEmbedding(Scheme):
         cache_known_ids: bool = False,
         compile: bool = False,
         side_features: bool = False,
+        share: str = "none",
+        bag_pooling: str = "embedding",
+        share_indicator: str = "salted",
     ) -> None:
         if not 1 <= num_hashes <= 65536:
             raise ValueError(f"num_hashes must be in [1, 65536], got {num_hashes}")
@@ -360,11 +400,37 @@ class DeepHashEmbedding(Scheme):
             raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got '{architecture}'")
         if not (isinstance(fourier_scale, int | float) and 0 < fourier_scale < math.inf):
             raise ValueError(f"fourier_scale must be a positive finite number, got {fourier_scale}")
+        if bag_pooling not in BAG_POOLINGS:
+            raise ValueError(f"bag_pooling must be one of {', '.join(BAG_POOLINGS)}, got '{bag_pooling}'")
+        if share not in SHARE_MODES:
+            raise ValueError(f"share must be one of {', '.join(SHARE_MODES)}, got '{share}'")
+        if share != "none" and side_features:
+            raise ValueError(
+                "share 'all' takes no side_features (features with and without them would need encodings of "
+                "different widths); set side_features = false or share = 'none'"
+            )
+        if share_indicator not in SHARE_INDICATORS:
+            raise ValueError(f"share_indicator must be one of {', '.join(SHARE_INDICATORS)}, got '{share_indicator}'")
+        if share == "none" and share_indicator != SHARE_INDICATORS[0]:
+            raise ValueError(
+                f"share_indicator '{share_indicator}' needs share = 'all' (it tells the shared features apart)"
+            )
+        if share != "none" and share_indicator == "salted" and encoding not in SEEDED_ENCODINGS:
+            raise ValueError(
+                f"share_indicator 'salted' draws each feature's encoding from its own seed, and the {encoding} "
+                "encoding has none; use share_indicator = 'one-hot'"
+            )
         self.num_hashes, self.num_buckets, self.hidden_layers = num_hashes, num_buckets, hidden_layers
         self.width, self.activation, self.batch_norm, self.encoding = width, activation, batch_norm, encoding
         self.architecture, self.fourier_scale = architecture, float(fourier_scale)
         self.cache_known_ids, self.compile = bool(cache_known_ids), bool(compile)
-        self.side_features = bool(side_features)
+        self.side_features, self.share = bool(side_features), share
+        self.share_indicator = share_indicator
+        self.bag_pooling = bag_pooling
+
+    @property
+    def shares_features(self) -> bool:
+        return self.share == "all"
 
     def encoding_dim(self, id_bits: int = 1) -> int:
         """Features of the encoding: k, except 1 for identity and the training IDs' bit count for binary."""
@@ -379,13 +445,40 @@ class DeepHashEmbedding(Scheme):
         return decoder_size_bytes(shapes, self.batch_norm) + seed_bytes
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
-        id_scale, id_bits = id_range(feature.ids)
         # With side_features, a feature that has them (items with genres) appends them to the encoding.
         side_dim = feature.side.shape[1] if self.side_features and feature.side is not None else 0
-        encoding_dim = self.encoding_dim(id_bits) + side_dim
+        return self._plan(feature.ids, feature.dim, budget_bytes, side_dim, ())
+
+    def plan_shared(self, features: Sequence[FeatureSpec], budget_bytes: int) -> SchemePlan:
+        """One network for all ``features``, its width solved from the sum of their budgets. The encoding of an ID
+        of feature i: with ``share_indicator`` "salted", its hash encoding under feature i's own k hash functions
+        (an 8-byte seed more per feature); with "one-hot", its hash encoding followed by the one-hot indicator
+        of i (F more inputs to the first layer).
+
+        Why salted by default: each feature's module is called on its own batch, so in training BatchNorm
+        subtracts the batch mean of the first layer, in which a one-hot indicator is a constant: it cancels, and
+        the same raw ID of two features embeds alike; in evaluation the running statistics, averaged over both
+        features, leave part of it: training and evaluation disagree. Salted hashes give the features different
+        codes from one distribution, which BatchNorm leaves as they are."""
+        dims = {feature.dim for feature in features}
+        if len(dims) != 1:
+            raise ValueError(f"share 'all' needs features of one embedding dim, got dims {sorted(dims)}")
+        ids = np.concatenate([np.asarray(feature.ids, dtype=np.int64) for feature in features])
+        names = tuple(feature.name for feature in features)
+        return self._plan(ids, dims.pop(), budget_bytes, 0, names)
+
+    def _plan(
+        self, ids: np.ndarray, dim: int, budget_bytes: int, side_dim: int, shared_by: tuple[str, ...]
+    ) -> SchemePlan:
+        """The width for ``budget_bytes``, the encoding of ``ids`` widened by ``side_dim`` side features; for a
+        network shared by the features ``shared_by``, their indicator (a one-hot input each, or a hash seed each)."""
+        id_scale, id_bits = id_range(ids)
+        one_hot = len(shared_by) if self.share_indicator == "one-hot" else 0
+        salts = len(shared_by) - 1 if shared_by and self.share_indicator == "salted" else 0
+        encoding_dim = self.encoding_dim(id_bits) + side_dim + one_hot
 
         def size_of(width: int) -> int:
-            return self.size_bytes(width, feature.dim, encoding_dim)
+            return self.size_bytes(width, dim, encoding_dim) + salts * ID_BYTES  # the other features' seeds
 
         if self.width is not None:
             width = self.width if size_of(self.width) <= budget_bytes else None
@@ -411,17 +504,11 @@ class DeepHashEmbedding(Scheme):
             side_dim=side_dim,
         )
         notes = {"hidden_widths": hidden_widths(self.architecture, width, self.hidden_layers)}
-        return SchemePlan(self.name, params, size_of(width), budget_bytes, notes)
+        return SchemePlan(self.name, params, size_of(width), budget_bytes, notes, shared_by=shared_by)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params
-        id_scale, id_bits = p.get("id_scale"), p.get("id_bits")
-        if id_scale is None or id_bits is None:
-            id_scale, id_bits = id_range(feature.ids)
-        encoder = DHEEncoder(
-            p["encoding"], p["num_hashes"], p["num_buckets"], id_scale, id_bits,
-            p.get("fourier_scale", 10.0), seed,
-        )
+        encoder = self._encoder(p, feature.ids, seed)
         side = None
         if p.get("side_dim"):
             if feature.side is None or feature.side.shape[1] != p["side_dim"]:
@@ -434,4 +521,47 @@ class DeepHashEmbedding(Scheme):
         )
         decoder = DHEDecoder(shapes, p.get("architecture", "equal"), p["activation"], p["batch_norm"])
         known_ids = torch.as_tensor(feature.ids, dtype=torch.int64) if p.get("cache_known_ids") else None
-        return DHEModule(encoder, decoder, known_ids, compile=bool(p.get("compile", False)), side=side)
+        return DHEModule(
+            encoder, decoder, known_ids, compile=bool(p.get("compile", False)), side=side,
+            bag_pooling=p.get("bag_pooling", "embedding"),
+        )
+
+    def build_shared(self, features: Sequence[FeatureSpec], plan: SchemePlan, seed: int) -> dict[str, nn.Module]:
+        """A DHEModule per feature over one decoder: feature i's hashes with seed + SALT_STRIDE * i ("salted"), or
+        all share one encoder and feature i's appends the one-hot of i ("one-hot")."""
+        names = tuple(feature.name for feature in features)
+        if names != plan.shared_by:
+            raise ValueError(f"the plan is shared by features {plan.shared_by}, not {names}")
+        p = plan.params
+        ids = np.concatenate([np.asarray(feature.ids, dtype=np.int64) for feature in features])
+        salted = p["share_indicator"] == "salted"
+        shared_encoder = self._encoder(p, ids, seed)
+        encoders = [
+            self._encoder(p, ids, seed + SALT_STRIDE * index) if salted and index else shared_encoder
+            for index in range(len(features))
+        ]
+        one_hot = 0 if salted else len(features)
+        torch.manual_seed(seed + 1)  # the decoder's initial weights, reproducibly
+        shapes = layer_shapes(
+            p["architecture"], shared_encoder.dim + one_hot, p["width"], p["hidden_layers"], features[0].dim
+        )
+        decoder = DHEDecoder(shapes, p["architecture"], p["activation"], p["batch_norm"])
+        indicators = torch.eye(len(features), dtype=torch.float32)
+        return {
+            feature.name: DHEModule(
+                encoders[index], decoder,
+                torch.as_tensor(feature.ids, dtype=torch.int64) if p["cache_known_ids"] else None,
+                compile=p["compile"], feature_code=None if salted else indicators[index].clone(),
+                bag_pooling=p.get("bag_pooling", "embedding"),
+            )
+            for index, feature in enumerate(features)
+        }
+
+    @staticmethod
+    def _encoder(p: dict[str, Any], ids: np.ndarray, seed: int) -> DHEEncoder:
+        id_scale, id_bits = p.get("id_scale"), p.get("id_bits")
+        if id_scale is None or id_bits is None:
+            id_scale, id_bits = id_range(ids)
+        return DHEEncoder(
+            p["encoding"], p["num_hashes"], p["num_buckets"], id_scale, id_bits, p.get("fourier_scale", 10.0), seed
+        )

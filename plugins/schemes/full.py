@@ -30,6 +30,8 @@ from embbench import (
 class FullLookup(TableBackedEmbedding):
     """Maps raw IDs through the sorted training vocabulary to rows; unknown IDs go to the last row."""
 
+    combine_is_linear = True  # one row per ID: a bag pools its rows in the table kernel
+
     def __init__(self, vocabulary: torch.Tensor, dim: int, seed: int, rows: int | None = None) -> None:
         super().__init__()
         self.register_buffer("vocabulary", vocabulary.clone())

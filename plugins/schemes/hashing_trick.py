@@ -23,6 +23,8 @@ from embbench import (
 
 
 class HashedLookup(TableBackedEmbedding):
+    combine_is_linear = True  # one row per ID: a bag pools its rows in the table kernel
+
     def __init__(self, num_rows: int, dim: int, seed: int) -> None:
         super().__init__()
         self.hash = HashFamily(1, num_rows, seed=seed)

@@ -60,6 +60,8 @@ def only_where(lookup: Lookup, mask: torch.Tensor) -> Lookup:
 class HybridLookup(TableBackedEmbedding):
     """Frequent IDs -> their dedicated row; every other ID -> the double-hashing tables."""
 
+    combine_is_linear = True  # the hashed rows' linear combine plus the dedicated row: a bag pools in the kernel
+
     def __init__(self, frequent_ids: torch.Tensor, rows: int, dim: int, combiner: str, seed: int) -> None:
         super().__init__()
         self.register_buffer("frequent_ids", frequent_ids.clone())

@@ -62,6 +62,8 @@ def _torchrec_mch() -> Any:
 class ManagedCollisionLookup(TableBackedEmbedding):
     """Raw IDs -> torchrec MCH remapping -> rows of one table."""
 
+    combine_is_linear = True  # one row per ID: a bag pools its rows in the table kernel
+
     def __init__(self, rows: int, dim: int, eviction_policy: str, eviction_interval: int, seed: int) -> None:
         super().__init__()
         mc_modules, self._jagged = _torchrec_mch()

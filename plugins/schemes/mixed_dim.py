@@ -60,6 +60,8 @@ def power_law_dims(popularity: np.ndarray, alpha: float, scale: float, dim: int)
 class MixedDimLookup(TableBackedEmbedding):
     """Raw ID -> (block, row) through per-block sorted ID dictionaries; row of dim d_i -> projection to d."""
 
+    combine_is_linear = True  # a sum of linearly projected rows: a bag pools its rows in the table kernel
+
     def __init__(self, block_ids: list[torch.Tensor], block_dims: list[int], dim: int, seed: int) -> None:
         super().__init__()
         self.dim, self.block_dims = dim, block_dims

@@ -51,6 +51,8 @@ def multi_hash_size_bytes(rows: int, dims: list[int]) -> int:
 class MultiHashLookup(TableBackedEmbedding):
     """k hashes of each ID into ``rows`` buckets; hash j picks a row of table j (or of the one shared table)."""
 
+    combine_is_linear = True  # a sum, mean or concatenation of rows: a bag pools its rows in the table kernel
+
     def __init__(self, num_hashes: int, rows: int, dim: int, combiner: str, shared: bool, seed: int) -> None:
         super().__init__()
         self.num_hashes, self.combiner, self.shared = num_hashes, combiner, shared

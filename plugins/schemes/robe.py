@@ -28,6 +28,8 @@ from embbench import (
 class RobeLookup(TableBackedEmbedding):
     """Element i of x's embedding is array[(h_{i // Z}(x) + i mod Z) mod M]: d/Z blocks of Z consecutive values."""
 
+    combine_is_linear = True  # a concatenation of blocks: a bag pools its rows in the table kernel
+
     def __init__(self, array_size: int, dim: int, block_size: int, seed: int, init: TableInit | None = None) -> None:
         super().__init__()
         num_blocks = -(-dim // block_size)  # the last block is shorter when Z does not divide d

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from embbench import (
+    BagSource,
     ConfigError,
     CTRData,
     CTRDataset,
@@ -84,10 +85,16 @@ def _feature(name: str, ids: np.ndarray, dim: int, vocabulary_size: int | None =
     return FeatureSpec(name, unique.astype(np.int64), counts.astype(np.int64), dim, vocabulary_size=vocabulary_size)
 
 
+def labelled(frame: pd.DataFrame) -> np.ndarray:
+    """bool [rows]: the ratings that become labels (>= 4 or <= 2 stars)."""
+    rating = frame["rating"].to_numpy(dtype=np.float64)
+    return (rating >= POSITIVE_AT_LEAST) | (rating <= NEGATIVE_AT_MOST)
+
+
 def binarize_ratings(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows rated >= 4 (label 1) or <= 2 (label 0), with user and item IDs compacted to 0..n-1 in raw order."""
     rating = frame["rating"].to_numpy(dtype=np.float64)
-    keep = (rating >= POSITIVE_AT_LEAST) | (rating <= NEGATIVE_AT_MOST)
+    keep = labelled(frame)
     kept = frame.loc[keep, ["user", "item", "timestamp"]].reset_index(drop=True)
     kept["label"] = (rating[keep] >= POSITIVE_AT_LEAST).astype(np.float32)
     for column in ("user", "item"):
@@ -115,6 +122,7 @@ class RatingClassification(_Classification):
 
     summary = "explicit ratings binarised (>=4 vs <=2), last two per user held out; AUC and log-loss"
     model_api = RecModel
+    bag_owners = ("user", "item")  # compacted IDs: bag_source renumbers the lists' keys alike
 
     def prepare(self, dataset: Dataset, dim: int) -> TaskData:
         frame = dataset.load()
@@ -137,7 +145,13 @@ class RatingClassification(_Classification):
         features = {name: _feature(name, train[name].to_numpy(dtype=np.int64), dim) for name in ("user", "item")}
         summary = {f"{name}_rows": len(rows) for name, rows in splits.items()}
         summary["train_positives"] = int(train["label"].sum())
+        # the dataset's raw ID of each compacted ID 0..n-1, to key the dataset's bag features alike
+        kept = frame.loc[labelled(frame)]
+        payload["raw_ids"] = {name: np.unique(kept[name].to_numpy(dtype=np.int64)) for name in ("user", "item")}
         return TaskData(features, payload, summary)
+
+    def bag_source(self, data: TaskData, source: BagSource) -> BagSource:
+        return source.reindexed(data.payload["raw_ids"][source.owner])
 
     def probe_model(self, model_class: type, dim: int, params: dict) -> nn.Module:
         return model_class({"user": nn.Embedding(1, dim), "item": nn.Embedding(1, dim)}, dim, **params)
