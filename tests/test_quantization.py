@@ -164,6 +164,13 @@ def test_a_scheme_without_tables_cannot_be_quantised():
         quantize_model(in_collection(build("dhe")), "int8")
 
 
+@pytest.mark.parametrize("name", ["qat", "magnitude-pruning", "pep", "dpq", "mgqe"])
+def test_schemes_storing_their_own_compressed_form_refuse_post_training_quantisation(name):
+    # Their tables are training state (an fp32 shadow, a query table), not what they store.
+    with pytest.raises(QuantizationUnavailable, match="stores its own compressed form"):
+        quantize_model(in_collection(build(name, "1/4", FeatureSpec.from_vocabulary("item", 500, 32))), "int8")
+
+
 @needs_torchrec
 def test_odd_row_widths_are_refused_for_packed_precisions_with_the_reason():
     embeddings = in_collection(OneTable(10, 6))
