@@ -235,9 +235,14 @@ def test_peer_suite_carries_every_published_number_of_each_shared_method() -> No
         by_label.setdefault(reference.label, set()).add(reference.budget)
     compressed = {entry.label for entry in suite.schemes if entry.name != "full"}
     assert set(by_label) == compressed | {"full"}
-    # every compressed method at every ppd; the CCE entries with the authors' rows at their own (larger) budgets
-    authors = {label for label in by_label if label.startswith("cce-authors-rows")}
+    # every compressed method at every ppd; the entries configured as the authors' (CCE's rows, DHE's rank) at one
+    # budget each, carrying the published number of their method at that ppd
+    authors = {label for label in by_label if "-authors-" in label}
     assert all(budgets == set(PPD_BUDGETS.values())
                for label, budgets in by_label.items() if label != "full" and label not in authors)
     assert {label: len(budgets) for label, budgets in by_label.items() if label in authors} == {
-        "cce-authors-rows-ppd64": 1, "cce-authors-rows-ppd512": 1}
+        "cce-authors-rows-ppd64": 1, "cce-authors-rows-ppd512": 1,
+        "dhe-authors-ppd64": 1, "dhe-authors-ppd512": 1, "dhe-authors-ppd4096": 1}
+    value = {(reference.label, reference.budget): reference.value for reference in suite.references}
+    for ppd in (64, 512, 4096):
+        assert value[(f"dhe-authors-ppd{ppd}", PPD_BUDGETS[ppd])] == value[("dhe-relu", PPD_BUDGETS[ppd])]

@@ -12,37 +12,12 @@ import pytest
 import torch
 from cli_checks import assert_one_line_error, invoke
 from embbench_plugins.tasks.ranking import RankingIndex
+from test_data import FrameDataset, interactions, triples
 
-from embbench.data import GLOBAL_TEMPORAL, LEAVE_LAST_OUT, Dataset, SplitProtocol, prepare_split
+from embbench.data import GLOBAL_TEMPORAL, LEAVE_LAST_OUT, SplitProtocol, prepare_split
 from embbench.errors import ConfigError
 from embbench.run.store import ResultStore
 from embbench.run.suites import parse_suite
-
-
-class FrameDataset(Dataset):
-    """A dataset over a given frame that counts how often it is loaded."""
-
-    def __init__(self, frame: pd.DataFrame) -> None:
-        super().__init__(None)
-        self.frame = frame
-        self.loads = 0
-
-    def load(self) -> pd.DataFrame:
-        self.loads += 1
-        return self.frame.copy()
-
-    def fingerprint(self) -> str:
-        row_hashes = pd.util.hash_pandas_object(self.frame, index=False).to_numpy()
-        return hashlib.sha256(row_hashes.tobytes()).hexdigest()
-
-
-def interactions(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["user", "item", "timestamp"]).astype(np.int64)
-
-
-def triples(frame: pd.DataFrame) -> list[tuple[int, int, int]]:
-    return [tuple(int(v) for v in row) for row in frame[["user", "item", "timestamp"]].to_numpy()]
-
 
 # 20 distinct interactions at times 1..20 (and one repeat): with 0.2 + 0.2 held out, train is t <= 12,
 # validation 13..16, test 17..20. User 1 is in both periods (twice in the validation one); users 2 and 4 have a
