@@ -26,6 +26,7 @@ from embbench.registry import create_scheme
 FEATURE = FeatureSpec.from_vocabulary("item", 5000, 16)
 VARIANTS = [(8, "learned", "table"), (4, "learned", "table"), (8, "learned", "row"), (4, "learned", "row"),
             (8, "fixed", "table"), (4, "fixed", "table")]
+INT16_VARIANTS = [(16, "learned", "table"), (16, "learned", "row"), (16, "fixed", "table")]
 
 
 def budget_of(budget: str, feature: FeatureSpec = FEATURE) -> int:
@@ -75,6 +76,17 @@ def test_every_embedding_value_is_its_rows_step_times_a_b_bit_integer_in_trainin
         assert_step_times_codes(module, embeddings, ids, bits)
     # trained towards values far outside the initial range, the codes use at least half of the range
     assert module.row_codes().abs().max() >= 2 ** (bits - 2)
+
+
+@pytest.mark.parametrize(("bits", "step", "step_per"), INT16_VARIANTS)
+def test_int16_values_are_a_step_times_an_integer_beyond_the_int8_range(bits, step, step_per):
+    module, _ = build("1/64", bits=bits, step=step, step_per=step_per)
+    train(module)
+    ids = torch.arange(-5, FEATURE.num_ids + 5)
+    with torch.no_grad():
+        assert_step_times_codes(module, module(ids), ids, bits)
+    codes = module.row_codes()
+    assert codes.dtype == torch.int16 and codes.abs().max() > 127
 
 
 def test_evaluation_reads_the_quantised_rows_not_the_shadow():
@@ -147,7 +159,7 @@ def test_a_fixed_step_is_one_fp16_buffer_and_not_trained():
 # the state: codes and fp16 steps only, restored exactly
 
 
-@pytest.mark.parametrize(("bits", "step", "step_per"), VARIANTS)
+@pytest.mark.parametrize(("bits", "step", "step_per"), VARIANTS + INT16_VARIANTS)
 @pytest.mark.parametrize("budget", ["1/4", "1/64"])
 def test_the_state_holds_codes_and_steps_and_restoring_it_gives_the_same_embeddings(budget, bits, step, step_per):
     params = {"bits": bits, "step": step, "step_per": step_per}
@@ -155,7 +167,7 @@ def test_the_state_holds_codes_and_steps_and_restoring_it_gives_the_same_embeddi
     train(module)
     state = module.state_dict()
     assert not any(tensor.dtype == torch.float32 for tensor in state.values()), "the fp32 shadow was saved"
-    assert state["codes"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert state["codes"].dtype == {16: torch.int16, 8: torch.int8, 4: torch.uint8}[bits]
     assert state["steps"].dtype == torch.float16
     assert state["steps"].numel() == (module.num_rows if step_per == "row" else 1)
     assert state_size_bytes(module) == plan.size_bytes
@@ -243,9 +255,31 @@ def test_below_the_quantised_table_ids_are_hashed_into_the_rows_the_budget_holds
     assert plan.budget_bytes - plan.size_bytes < d * bits // 8 + (2 if step_per == "row" else 0)  # no row more fits
 
 
-def test_above_the_quantised_table_the_rest_of_the_budget_stays_unused():
-    _, plan = build("1/2")
+def test_with_the_width_given_above_its_quantised_table_the_rest_of_the_budget_stays_unused():
+    _, plan = build("1/2", bits=8)
     assert plan.params["mapping"] == "dictionary" and plan.size_bytes < 0.6 * plan.budget_bytes
+    assert not create_scheme("qat", bits=8).fills_budget and create_scheme("qat").fills_budget
+
+
+BIG = FeatureSpec.from_vocabulary("item", 200_000, 32)
+
+
+@pytest.mark.parametrize(("budget", "bits", "mapping"), [
+    ("1/2", 16, "dictionary"), ("1/3", 8, "dictionary"), ("1/4", 8, "dictionary"), ("1/6", 4, "dictionary"),
+    ("1/8", 4, "dictionary"), ("1/16", 8, "hash"), ("1/64", 8, "hash"),
+])
+def test_auto_takes_the_widest_codes_whose_per_id_table_fits_else_int8_hashed_rows(budget, bits, mapping):
+    module, plan = build(budget, BIG)
+    assert (plan.params["bits"], plan.params["mapping"]) == (bits, mapping)
+    assert plan.size_bytes == state_size_bytes(module)
+    # a row per ID at the narrower width rather than hashed rows at a wider one: between the widths' table
+    # sizes (1/2, 1/4, 1/8 of fp32) the budget is not filled, at them and from 1/16 down it is
+    assert plan.size_bytes >= (0.9 if budget in ("1/2", "1/4", "1/8", "1/16", "1/64") else 0.5) * plan.budget_bytes
+    wider = [w for w in (16, 8, 4) if w > bits]
+    for width in wider:  # no wider per-ID table fits
+        per_id = BIG.num_ids * BIG.dim * width // 8 + 2 + VocabularyIndex.size_bytes(BIG.ids)
+        assert per_id > plan.budget_bytes
+    assert plan.params["initial_step"] == lsq_initial_step(bits)
 
 
 def test_given_rows_are_hashed_and_fix_the_size():
@@ -262,7 +296,7 @@ def test_a_budget_below_one_hashed_row_raises_budget_too_small_naming_the_minimu
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"bits": 2}, "'bits' of scheme 'qat' must be one of 8, 4"),
+    ({"bits": 2}, "'bits' of scheme 'qat' must be one of 'auto', 16, 8, 4"),
     ({"step": "adaptive"}, "'step' of scheme 'qat' must be one of 'learned', 'fixed'"),
     ({"initial_step": 0.0}, r"initial_step must be in \[2\^-14, 2\^10\]"),
     ({"rows": 0}, "rows must be in"),
@@ -276,7 +310,7 @@ def test_hyper_parameters_out_of_range_are_rejected(params, message):
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"bits": 2}, "bits must be 8 or 4"),
+    ({"bits": 2}, "bits must be 16, 8, 4"),
     ({"step": "adaptive"}, "step must be one of learned, fixed"),
     ({"step_per": "column"}, "step_per must be one of table, row"),
 ])

@@ -1,5 +1,5 @@
 """``qat``: quantisation-aware training of one table (LSQ: Esser et al., ICLR 2020; ALPT: Li et al., AAAI 2023) —
-rows are stored as int8 or int4 codes times a step (learned, per table or per row; or fixed); training keeps an
+rows are stored as int16, int8 or int4 codes times a step (learned, per table or per row; or fixed); training keeps an
 fp32 shadow of the rows, and every forward, in training and in evaluation, reads the quantised rows."""
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ from embbench import (
     largest_fitting,
 )
 
-BITS = (8, 4)
+BITS = (16, 8, 4)
+#: ``bits="auto"``: the widest of these whose table with a row per training ID fits the budget; below all three,
+#: AUTO_HASHED_BITS with hashed rows
+AUTO_BITS = (16, 8, 4)
+AUTO_HASHED_BITS = 8
 STEPS = ("learned", "fixed")
 STEP_PER = ("table", "row")
 #: how fast a learned step moves under a normalised (Adam-type) table optimizer: by a factor up to
@@ -59,6 +63,11 @@ def lsq_initial_step(bits: int, init_std: float = DEFAULT_INIT_STD) -> float:
     return as_fp16(2.0 * mean_magnitude / math.sqrt(code_range(bits)[1]))
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer type a code is held in: int16 for 16 bits, else int8 (int4 codes are then packed)."""
+    return torch.int16 if bits == 16 else torch.int8
+
+
 def values_bytes(rows: int, dim: int, bits: int) -> int:
     """Bytes of ``rows`` x ``dim`` codes of ``bits`` bits, int4 packed two per byte (over the flattened rows)."""
     return -(-rows * dim * bits // 8)
@@ -71,10 +80,10 @@ def quantise(rows: torch.Tensor, steps: torch.Tensor, bits: int) -> torch.Tensor
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 [R, d] for 8 bits; for 4 bits uint8 [ceil(R·d / 2)]: value 2k in the low nibble of byte k, value
-    2k + 1 in its high nibble (two's complement nibbles)."""
-    codes = codes.to(torch.int8)
-    if bits == 8:
+    """int16 [R, d] for 16 bits, int8 [R, d] for 8; for 4 bits uint8 [ceil(R·d / 2)]: value 2k in the low nibble
+    of byte k, value 2k + 1 in its high nibble (two's complement nibbles)."""
+    codes = codes.to(code_dtype(bits))
+    if bits in (16, 8):
         return codes
     nibbles = (codes.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
     if nibbles.numel() % 2:
@@ -84,9 +93,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, rows: int, dim: int, bits: int) -> torch.Tensor:
-    """The int8 codes [R, d] that :func:`pack_codes` packed."""
-    if bits == 8:
-        return packed.to(torch.int8).reshape(rows, dim)
+    """The codes [R, d] that :func:`pack_codes` packed (int16 for 16 bits, else int8)."""
+    if bits in (16, 8):
+        return packed.to(code_dtype(bits)).reshape(rows, dim)
     packed = packed.to(torch.uint8)
     nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[: rows * dim].to(torch.int16)
     return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).reshape(rows, dim)
@@ -247,9 +256,9 @@ class QATLookup(TableBackedEmbedding):
         return step.expand(self.num_rows)
 
     def row_codes(self, steps: torch.Tensor | None = None) -> torch.Tensor:
-        """int8 [R, d]: every row's codes, in [-2^(b-1), 2^(b-1) - 1]."""
+        """int8 [R, d] (int16 for 16 bits): every row's codes, in [-2^(b-1), 2^(b-1) - 1]."""
         steps = self.row_steps() if steps is None else steps
-        return quantise(self.table.weight.detach(), steps.unsqueeze(1), self.bits).to(torch.int8)
+        return quantise(self.table.weight.detach(), steps.unsqueeze(1), self.bits).to(code_dtype(self.bits))
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
@@ -292,26 +301,28 @@ class QATLookup(TableBackedEmbedding):
 
 
 class QuantizationAwareTraining(Scheme):
-    """QAT: int8/int4 rows times a learned (LSQ) or fixed step, one per table or (learned) one per row; a row per
-    training ID through the ID dictionary where the quantised table fits, else hashed rows solved from the
-    budget."""
+    """QAT: int16/int8/int4 rows times a learned (LSQ) or fixed step, one per table or (learned) one per row; a row
+    per training ID through the ID dictionary where the quantised table fits, else hashed rows solved from the
+    budget. ``bits="auto"`` (the default) takes the widest of 16, 8, 4 bits whose table with a row per training ID
+    fits, and int8 hashed rows below that."""
 
-    summary = "quantisation-aware training (LSQ/ALPT): int8/int4 rows times a learned step, fp32 shadow in training"
+    summary = "quantisation-aware training (LSQ/ALPT): int16/8/4 rows times a learned step, fp32 shadow in training"
     unseen = "collided"
-    # Above the quantised table with a row per training ID there is nothing more to spend the budget on.
+    # With the width given, above its quantised table with a row per training ID there is nothing more to spend the
+    # budget on (the instance attribute says so); "auto" widens the codes instead.
     fills_budget = False
 
     def __init__(
         self,
-        bits: Literal[8, 4] = 8,
+        bits: Literal["auto", 16, 8, 4] = "auto",
         step: Literal["learned", "fixed"] = "learned",
         step_per: Literal["table", "row"] = "table",
         initial_step: float | None = None,
         step_rate: float = DEFAULT_STEP_RATE,
         rows: int | None = None,
     ) -> None:
-        if bits not in BITS:
-            raise ValueError(f"bits must be 8 or 4 (int8 or int4 codes), got {bits!r}")
+        if bits != "auto" and bits not in BITS:
+            raise ValueError(f"bits must be 16, 8, 4 (int16, int8 or int4 codes) or auto, got {bits!r}")
         if step not in STEPS:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
         if step_per not in STEP_PER:
@@ -330,36 +341,50 @@ class QuantizationAwareTraining(Scheme):
             )
         self.bits, self.step, self.step_per, self.initial_step = bits, step, step_per, initial_step
         self.step_rate, self.rows = step_rate, rows
+        self.fills_budget = bits == "auto" and rows is None
 
-    def size_bytes(self, rows: int, dim: int, index_bytes: int) -> int:
-        """Codes, fp16 steps (one per row, or one), and the index (the ID dictionary, or the hash seed)."""
+    def size_bytes(self, rows: int, dim: int, index_bytes: int, bits: int) -> int:
+        """``bits``-bit codes, fp16 steps (one per row, or one), and the index (the ID dictionary, or the hash
+        seed)."""
         steps = rows if self.step == "learned" and self.step_per == "row" else 1
-        return values_bytes(rows, dim, self.bits) + steps * STEP_BYTES + index_bytes
+        return values_bytes(rows, dim, bits) + steps * STEP_BYTES + index_bytes
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         dim = feature.dim
-        initial_step = as_fp16(self.initial_step) if self.initial_step is not None else lsq_initial_step(self.bits)
-        notes: dict[str, Any] = {"initial_step": initial_step}
+        widths = AUTO_BITS if self.bits == "auto" else (int(self.bits),)
         if self.rows is None and feature.num_ids > 0:
             rows = feature.num_ids  # unseen IDs share the zero embedding, which needs no row
-            size = self.size_bytes(rows, dim, VocabularyIndex.size_bytes(feature.ids))
-            if size <= budget_bytes:
-                params = dict(self.get_params(), rows=rows, mapping="dictionary", initial_step=initial_step)
-                return SchemePlan(self.name, params, size, budget_bytes, notes, unseen="dedicated")
+            index_bytes = VocabularyIndex.size_bytes(feature.ids)
+            for bits in widths:
+                size = self.size_bytes(rows, dim, index_bytes, bits)
+                if size <= budget_bytes:
+                    initial_step = self._initial_step(bits)
+                    params = dict(
+                        self.get_params(), bits=bits, rows=rows, mapping="dictionary", initial_step=initial_step
+                    )
+                    notes = {"initial_step": initial_step}
+                    return SchemePlan(self.name, params, size, budget_bytes, notes, unseen="dedicated")
+        bits = AUTO_HASHED_BITS if self.bits == "auto" else int(self.bits)
         if self.rows is None:
-            minimum = self.size_bytes(1, dim, ID_BYTES)
+            minimum = self.size_bytes(1, dim, ID_BYTES, bits)
             if minimum > budget_bytes:
                 raise BudgetTooSmall(self.name, budget_bytes, minimum, "one hashed row, its step and the hash seed")
-            rows = largest_fitting(lambda r: self.size_bytes(r, dim, ID_BYTES), 1, MERSENNE_PRIME, budget_bytes)
+            rows = largest_fitting(
+                lambda r: self.size_bytes(r, dim, ID_BYTES, bits), 1, MERSENNE_PRIME, budget_bytes
+            )
             assert rows is not None
         else:
             rows = self.rows
-            minimum = self.size_bytes(rows, dim, ID_BYTES)
+            minimum = self.size_bytes(rows, dim, ID_BYTES, bits)
             if minimum > budget_bytes:
                 raise BudgetTooSmall(self.name, budget_bytes, minimum, f"{rows:,} hashed rows")
-        params = dict(self.get_params(), rows=rows, mapping="hash", initial_step=initial_step)
-        size = self.size_bytes(rows, dim, ID_BYTES)
-        return SchemePlan(self.name, params, size, budget_bytes, notes, unseen="collided")
+        initial_step = self._initial_step(bits)
+        params = dict(self.get_params(), bits=bits, rows=rows, mapping="hash", initial_step=initial_step)
+        size = self.size_bytes(rows, dim, ID_BYTES, bits)
+        return SchemePlan(self.name, params, size, budget_bytes, {"initial_step": initial_step}, unseen="collided")
+
+    def _initial_step(self, bits: int) -> float:
+        return as_fp16(self.initial_step) if self.initial_step is not None else lsq_initial_step(bits)
 
     def build(self, feature: FeatureSpec, plan: SchemePlan, seed: int) -> nn.Module:
         p = plan.params
