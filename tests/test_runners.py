@@ -174,6 +174,42 @@ def test_workers_share_a_suite_with_each_cell_once_and_a_share_of_the_threads(tm
     assert str(process.pid) not in builders  # the workers trained, not the process that started them
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_stop_when_the_process_that_started_them_is_terminated_or_killed(
+    tmp_path: Path, counted: Path, signum: int
+) -> None:
+    suite, db = suite_file(tmp_path, budgets=2, seeds=1), tmp_path / "r.sqlite"
+    hang = tmp_path / "hang"
+    hang.touch()
+    process = runner(suite, db, "--workers", "2", env={"EMBBENCH_TEST_HANG": str(hang)})
+    deadline = time.monotonic() + 300
+    while len({line.split()[3] for line in counted.read_text().splitlines()}) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.1)
+    workers = {int(line.split()[3]) for line in counted.read_text().splitlines()}
+    assert len(workers) == 2 and all(alive(pid) for pid in workers)  # both hang in a cell
+    os.kill(process.pid, signum)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == -signum if signum == signal.SIGKILL else process.returncode != 0, output
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    hang.unlink()
+    assert not any(alive(pid) for pid in workers), "a worker kept running after its parent was stopped"
+    summary = run_suite(str(suite), db=db, progress=False)  # the stopped workers' cells are taken by the next run
+    assert summary.ok == 2 and (ResultStore(db).frame()["status"] == "ok").all()
+
+
 def test_workers_with_several_processes_per_cell_is_one_line(tmp_path: Path) -> None:
     suite = suite_file(tmp_path, budgets=1, seeds=1)
     result = CliRunner().invoke(main, ["run", "suite", str(suite), "--workers", "2", "--nproc", "2",

@@ -10,11 +10,16 @@ a missing GPU or library) is stored as skipped with the reason.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
 import queue
+import signal
 import sys
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,22 +397,11 @@ def _run_workers(
                  lease_seconds)
     processes = [context.Process(target=_worker, args=(results, *arguments), name=f"embbench-worker-{index}")
                  for index in range(workers)]
-    for process in processes:
-        process.start()
     outcomes: list[RunSummary | str] = []
-    try:
-        while len(outcomes) < workers:
-            try:
-                outcomes.append(results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p for p in processes if p.exitcode not in (None, 0)]
-                if dead and results.empty():
-                    raise RuntimeError(f"worker {dead[0].name} died with exit code {dead[0].exitcode}") from None
-    finally:
+    with _terminated_as_exit():
         for process in processes:
-            if process.is_alive() and len(outcomes) < workers:
-                process.terminate()
-            process.join()
+            process.start()
+        _collect(processes, results, outcomes)
     errors = [outcome for outcome in outcomes if isinstance(outcome, str)]
     if errors:
         raise EmbbenchError(errors[0])
@@ -424,11 +418,48 @@ def _run_workers(
     return total
 
 
+@contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s) raises SystemExit here, so that the workers are stopped on the way out
+    rather than left training on their own; a worker also stops by itself when this process dies (SIGKILL)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _collect(processes: list[Any], results: Any, outcomes: list[RunSummary | str]) -> None:
+    """Every worker's outcome into ``outcomes``; the workers still running are terminated if this stops early."""
+    try:
+        while len(outcomes) < len(processes):
+            try:
+                outcomes.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(f"worker {dead[0].name} died with exit code {dead[0].exitcode}") from None
+    finally:
+        for process in processes:
+            if process.is_alive() and len(outcomes) < len(processes):
+                process.terminate()
+            process.join()
+
+
 def _worker(
     results: Any, name_or_path: str, db: str, data_dir: str | None, quick: bool, rerun: bool, threads: int,
     lease_seconds: float,
 ) -> None:
-    """One runner process of :func:`_run_workers`: its summary, or the line of its user error, into ``results``."""
+    """One runner process of :func:`_run_workers`: its summary, or the line of its user error, into ``results``.
+    It exits at once if the process that started it dies (its cell's lease then expires and returns to others)."""
+    _exit_with_parent()
     try:
         summary = run_suite(name_or_path, db, data_dir, quick, progress=False, rerun=rerun, threads=threads,
                             lease_seconds=lease_seconds)
@@ -436,6 +467,19 @@ def _worker(
         results.put(str(exc))
         return
     results.put(summary)
+
+
+def _exit_with_parent() -> None:
+    """A daemon thread that ends this process as soon as its parent process is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="embbench-parent-watch", daemon=True).start()
 
 
 def _single_process_group() -> None:
