@@ -29,10 +29,9 @@ from embbench import (
     largest_fitting,
 )
 
+#: the code widths, widest first; ``bits="auto"`` takes the widest whose table with a row per training ID fits the
+#: budget, and AUTO_HASHED_BITS with hashed rows below all three
 BITS = (16, 8, 4)
-#: ``bits="auto"``: the widest of these whose table with a row per training ID fits the budget; below all three,
-#: AUTO_HASHED_BITS with hashed rows
-AUTO_BITS = (16, 8, 4)
 AUTO_HASHED_BITS = 8
 STEPS = ("learned", "fixed")
 STEP_PER = ("table", "row")
@@ -351,7 +350,7 @@ class QuantizationAwareTraining(Scheme):
 
     def plan(self, feature: FeatureSpec, budget_bytes: int) -> SchemePlan:
         dim = feature.dim
-        widths = AUTO_BITS if self.bits == "auto" else (int(self.bits),)
+        widths = BITS if self.bits == "auto" else (int(self.bits),)
         if self.rows is None and feature.num_ids > 0:
             rows = feature.num_ids  # unseen IDs share the zero embedding, which needs no row
             index_bytes = VocabularyIndex.size_bytes(feature.ids)
